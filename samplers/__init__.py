@@ -1,0 +1,1 @@
+"""Custom samplers and guiders (SAMPLER / GUIDER objects for SamplerCustom and SamplerCustomAdvanced)."""

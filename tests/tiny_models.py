@@ -1,0 +1,96 @@
+"""Tiny models of the real families, built through ComfyUI's own classes (model configs, UNetModel,
+Flux DiT, ModelPatcher). ComfyUI's ops leave weights uninitialised, so every parameter is set here
+from a seed: the same call always builds the same model."""
+
+import math
+
+import torch
+
+import comfy.model_detection
+import comfy.model_management
+import comfy.model_patcher
+import comfy.supported_models
+
+
+def init_parameters(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Deterministic, well-scaled init: fan-in normal for weights, ones for norm scales, small biases."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.ndim >= 2:
+                fan_in = p[0].numel()
+                p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(fan_in))
+            elif name.endswith(("norm.weight", "norm1.weight", "norm2.weight", "norm3.weight", ".scale")) or ".norm" in name and name.endswith("weight"):
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+    return module
+
+
+def patcher(model) -> comfy.model_patcher.ModelPatcher:
+    dev = comfy.model_management.get_torch_device()
+    return comfy.model_patcher.ModelPatcher(model, load_device=dev, offload_device=comfy.model_management.unet_offload_device())
+
+
+SD15_UNET = {
+    "use_checkpoint": False, "image_size": 32, "in_channels": 4, "out_channels": 4, "model_channels": 32,
+    "num_res_blocks": 1, "channel_mult": [1, 2, 2], "attention_resolutions": [4], "transformer_depth": 1,
+    "num_head_channels": 32, "context_dim": 768, "use_linear_in_transformer": False, "legacy": False,
+    "use_spatial_transformer": True, "adm_in_channels": None, "use_temporal_attention": False,
+    "use_temporal_resblock": False, "dtype": torch.float32,
+}
+
+SDXL_UNET = dict(
+    SD15_UNET, context_dim=2048, use_linear_in_transformer=True, adm_in_channels=2816,
+    num_classes="sequential", channel_mult=[1, 2, 4], attention_resolutions=[2, 4],
+)
+
+FLUX_DIT = {
+    "image_model": "flux", "in_channels": 16, "out_channels": 16, "patch_size": 2, "vec_in_dim": 32,
+    "context_in_dim": 32, "hidden_size": 64, "mlp_ratio": 4.0, "num_heads": 2, "depth": 1,
+    "depth_single_blocks": 1, "axes_dim": [8, 12, 12], "theta": 10000, "qkv_bias": True,
+    "guidance_embed": True,
+}
+
+
+def _build(config_class, unet_config, seed):
+    if "channel_mult" in unet_config:  # UNet configs come in the compact form; DiT configs are used as they are
+        unet_config = comfy.model_detection.convert_config(dict(unet_config))
+    model_config = config_class(dict(unet_config))
+    model_config.set_inference_dtype(torch.float32, None)
+    model = model_config.get_model({})
+    init_parameters(model.diffusion_model, seed)
+    return patcher(model)
+
+
+def tiny_sd15(seed: int = 0, **overrides):
+    """SD1.5-family UNet (SD15 model config, eps prediction, 4 latent channels, context 768)."""
+    return _build(comfy.supported_models.SD15, dict(SD15_UNET, **overrides), seed)
+
+
+def tiny_sdxl(seed: int = 0, **overrides):
+    """SDXL-family UNet: adm (pooled text + size/crop embedding, 2816) and context 2048, 3 levels."""
+    return _build(comfy.supported_models.SDXL, dict(SDXL_UNET, **overrides), seed)
+
+
+def tiny_flux(seed: int = 0, **overrides):
+    """Flux-family DiT (dev-style, guidance embedding), one double and one single block."""
+    return _build(comfy.supported_models.Flux, dict(FLUX_DIT, **overrides), seed)
+
+
+def write_tiny_sd15_checkpoint(path, seed: int = 0) -> None:
+    """The smallest checkpoint ComfyUI's loaders detect as SD1.5 (model_channels 320, context 768:
+    one level, one res block, one transformer block, in the input level; ~17M params), with a TAESD-layout VAE so
+    CheckpointLoaderSimple also yields a VAE. No text encoder: conditioning comes from elsewhere."""
+    import comfy.taesd.taesd
+    import safetensors.torch
+
+    config = comfy.model_detection.convert_config(dict(SD15_UNET, model_channels=320, channel_mult=[1], attention_resolutions=[1], num_head_channels=64))
+    config.update(transformer_depth_output=[0, 0], transformer_depth_middle=0)
+    unet = _build(comfy.supported_models.SD15, config, seed)
+    sd = {f"model.diffusion_model.{k}": v for k, v in unet.model.diffusion_model.state_dict().items()}
+    vae = init_parameters(comfy.taesd.taesd.TAESD(latent_channels=4), seed + 1)
+    sd.update({f"first_stage_model.{k}": v for k, v in vae.state_dict().items()})
+    # fp8 UNet weights keep the file under 30 MB and exercise ComfyUI's weight-casting path.
+    dtype = lambda k: torch.float8_e4m3fn if k.startswith("model.") and sd[k].ndim >= 2 else torch.float16
+    safetensors.torch.save_file({k: v.to(dtype(k)).contiguous() for k, v in sd.items()}, str(path))
