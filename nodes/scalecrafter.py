@@ -105,9 +105,9 @@ class RedilateModel(io.ComfyNode):
                 io.Boolean.Input("progressive", default=True,
                                  tooltip="Custom schedule: decay each layer's factor over the active range, "
                                          "d_i = max(ceil(d (1 - i/n)), 2), as the reference's 2048/4096 configs."),
-                io.Int.Input("native_resolution", default=0, min=0, max=8192, step=8,
-                             tooltip="Auto preset: the model's native side in pixels. 0 = from the model family "
-                                     "(512 SD1.x/2.x, 768 SD2.x v-prediction, 1024 SDXL)."),
+                io.Int.Input("native_latent_size", default=0, min=0, max=1024, step=8,
+                             tooltip="Auto preset: the side of the latent the model was trained at. 0 = from the model family "
+                                     "(64 for SD1.x/2.x at 512 px, 96 for SD2.x v-prediction at 768 px, 128 for SDXL at 1024 px)."),
                 io.Float.Input("dilation", default=0.0, min=0.0, max=16.0, step=0.05,
                                tooltip="Auto preset: the deepest level's factor instead of the measured resolution ratio "
                                        "(0 = measure; at least 1)."),
@@ -121,7 +121,7 @@ class RedilateModel(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, preset, sdxl_layers, schedule, start_percent, end_percent, progressive,
-                native_resolution, dilation, dispersion_start_percent, dispersion_end_percent) -> io.NodeOutput:
+                native_latent_size, dilation, dispersion_start_percent, dispersion_end_percent) -> io.NodeOutput:
         unet, config = unet_of(model, REDILATE)
         sites = checked_sites(unet, config, REDILATE)
         levels = len(config["channel_mult"])
@@ -133,10 +133,10 @@ class RedilateModel(io.ComfyNode):
                               "set start_percent <= end_percent")
         tables = {}
         if preset == AUTO:
-            native = native_resolution // 8 if native_resolution else native_latent_side(model)
+            native = native_latent_size or native_latent_side(model)
             if not native:
-                raise input_error(REDILATE, "native_resolution", f"the native resolution of a {type(model.model).__name__} model is unknown",
-                                  "enter the resolution the model was trained at")
+                raise input_error(REDILATE, "native_latent_size", f"the native size of a {type(model.model).__name__} model is unknown",
+                                  "enter the latent side the model was trained at (pixels / 8 for SD-family VAEs)")
             tables = dict(native=native, ratio=dilation)
             reference = (0.7, None)
         else:

@@ -24,12 +24,12 @@ from ultrares.patches import scalecrafter as sc
 from ultrares.patches.schedule import SigmaWindow
 
 APPLY_MODEL = comfy.patcher_extension.WrappersMP.APPLY_MODEL
-NATIVE = 128  # pixels: tiny models are treated as native at 16x16 latents
+NATIVE = 16  # tiny models are treated as native at 16x16 latents
 
 
 def redilate(model, **inputs):
     args = dict(preset=ns.AUTO, sdxl_layers="intended", schedule="custom", start_percent=0.0, end_percent=1.0,
-                progressive=False, native_resolution=NATIVE, dilation=0.0, dispersion_start_percent=0.0, dispersion_end_percent=0.0)
+                progressive=False, native_latent_size=NATIVE, dilation=0.0, dispersion_start_percent=0.0, dispersion_end_percent=0.0)
     return host.run_node(ns.RedilateModel, model=model, **(args | inputs))[0]
 
 
