@@ -1,5 +1,6 @@
 """Seconds per sampling step of ScaleCrafter's patched models relative to the unpatched model at the
-same size, all in one run on the real host (stock sampler path, CFG on, euler).
+same size, all in one run on the real host (stock sampler path, CFG on, euler). Time is this
+process's CPU time with one torch thread: on a shared machine it measures the work, not the queue.
 
   python tests/bench/scalecrafter_speed.py --json out/scalecrafter_speed.json [--sizes 64,128] [--steps 6] [--repeats 3] [--threads 1]
 
@@ -52,9 +53,9 @@ def seconds_per_step(model, size, steps):
     ctx = torch.randn(1, 4, 768, generator=torch.Generator().manual_seed(1))
     latent = torch.zeros(1, 4, size, size)
     noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(0))
-    start = time.perf_counter()
+    start = time.process_time()
     comfy.sample.sample(model, noise, steps, 4.0, "euler", "normal", [[ctx, {}]], [[ctx * 0, {}]], latent, disable_pbar=True, seed=0)
-    return (time.perf_counter() - start) / steps
+    return (time.process_time() - start) / steps
 
 
 def main(argv=None):
@@ -63,7 +64,7 @@ def main(argv=None):
     p.add_argument("--sizes", default="64,128", help="latent sides, comma-separated (32 is native: 2x and 4x by default)")
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 keeps ratios steady on a shared machine)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (CPU time is exact with 1)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     base = tiny_models.tiny_sd15()
@@ -80,7 +81,7 @@ def main(argv=None):
         results[f"{size}x{size}"] = {name: {"s_per_step": round(statistics.median(t), 4), "relative": round(statistics.median(t) / unpatched, 3)}
                                      for name, t in times.items()}
         for name, figures in results[f"{size}x{size}"].items():
-            print(f"{size}x{size} ({size // NATIVE}x) {name:26s} {figures['s_per_step']:.4f} s/step  x{figures['relative']:.2f}", flush=True)
+            print(f"{size}x{size} ({size // NATIVE}x) {name:26s} {figures['s_per_step']:.4f} CPU s/step  x{figures['relative']:.2f}", flush=True)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"settings": vars(args) | {"json": str(args.json)}, "results": results}, indent=1) + "\n")
