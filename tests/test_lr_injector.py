@@ -241,6 +241,19 @@ def test_composition_order(sd15_run):
         torch.testing.assert_close(chunk, z0, rtol=1e-5, atol=1e-4)
 
 
+def test_phases_2x_then_4x(node_classes, sd15):
+    """The workflow pattern: base pass, then an injector pass at 2x guided by it, then one at 4x
+    guided by the 2x result with the global path strided to native size (stride 4)."""
+    base = Run(node_classes, sd15, sd15_conds(), None, torch.zeros(1, 4, 4, 4)).ksampler(sd15, steps=2)
+    x2 = Run(node_classes, sd15, sd15_conds(), base, torch.zeros(1, 4, 8, 8))
+    twice = x2.ksampler(x2.inject(), steps=2)
+    x4 = Run(node_classes, sd15, sd15_conds(), twice, torch.zeros(1, 4, 16, 16))
+    calls = []
+    x4.ksampler(with_probe(x4.inject(alpha1=0.0, global_strength=1.0, global_stride=4), calls), steps=2)
+    torch.testing.assert_close(calls[0].x, x4.noised_target(calls[0].sigma), rtol=1e-5, atol=1e-4)
+    assert calls[1].x.shape == (16, 4, 4, 4)  # 4x4 native-size sub-lattices of the 16x16 latent
+
+
 def test_second_injector_replaces_the_first(sd15_run):
     twice = sd15_run.inject(sd15_run.inject(skip_strength=1.0), skip_strength=0.0)
     assert len(twice.get_wrappers(PREDICT, lg.KEY)) == 1
