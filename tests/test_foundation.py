@@ -10,9 +10,6 @@ import pytest
 
 import host
 
-PACK_NODE_IDS = None
-
-
 def pack_node_classes():
     import ultrares.nodes
 
@@ -60,7 +57,11 @@ def test_quick_test_for_ci_passes_with_the_pack(tmp_path):
     res = subprocess.run(cmd, cwd=host.COMFYUI_DIR, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     log = res.stdout + res.stderr
-    assert "IMPORT FAILED" not in log and "Cannot import" not in log, log[-3000:]
+    # The host lists each custom node folder with its import time, "(IMPORT FAILED)" when it broke.
+    # (Only ComfyUI's audio nodes fail here: torchaudio has no CPU build.)
+    pack_lines = [line for line in log.splitlines() if line.rstrip().endswith(f"custom_nodes/{host.PACK_NAME}")]
+    assert pack_lines and not any("IMPORT FAILED" in line for line in pack_lines), log[-3000:]
+    assert "ultrares" not in "".join(line for line in log.splitlines() if line.startswith("Cannot import")), log[-3000:]
 
 
 def test_object_info_lists_every_pack_node_with_tooltips(comfy_server):
