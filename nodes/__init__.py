@@ -9,6 +9,7 @@ from comfy_api.v0_0_2 import ComfyExtension, io
 _NODE_MODULES = (
     "scalecrafter",
     "cutdiffusion",
+    "lr_injector",
 )
 
 
