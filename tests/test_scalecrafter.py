@@ -332,6 +332,24 @@ def test_patches_act_only_inside_their_ranges(sd15):
     assert not torch.allclose(denoised(patched, sigma=inside_sigma), denoised(sd15, sigma=inside_sigma))
 
 
+def test_every_preset_runs_on_its_family(sdxl):
+    sd_like = tiny_models.tiny_sd15(channel_mult=[1, 1, 1, 1], attention_resolutions=[4, 8])  # 4 levels like SD1.x/2.x
+    for model in (sd_like, sdxl):
+        levels = len(model.model.model_config.unet_config["channel_mult"])
+        plain = denoised(model, cfg=2.0)
+        for name, preset in sc.PRESETS.items():
+            if preset.levels == levels:
+                out = denoised(damp(redilate(model, preset=name, schedule="reference")), cfg=2.0)
+                assert torch.isfinite(out).all() and not torch.allclose(out, plain), name
+
+
+def test_applying_twice_replaces_instead_of_stacking(sd15):
+    twice = redilate(redilate(sd15, dilation=4.0), dilation=2.0)
+    assert len(twice.get_wrappers(APPLY_MODEL, ns.WRAPPER_KEY)) == 1
+    assert all(p.previous.__func__ is type(p.conv).forward for p in twice.object_patches.values())
+    assert torch.equal(denoised(twice), denoised(redilate(sd15, dilation=2.0)))
+
+
 def test_original_model_is_untouched_after_patching_and_sampling(sd15):
     sites = sc.unet_conv_sites(sd15.model.model_config.unet_config)
     weights = {k: v.clone() for k, v in sd15.model.state_dict().items()}
