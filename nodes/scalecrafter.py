@@ -1,0 +1,211 @@
+"""ScaleCrafter nodes: Re-dilate Model (re-dilated and dispersed convolutions) and Noise-Damped CFG.
+The mechanics live in patches/scalecrafter.py; this module checks the input and wires the patches
+into a clone of the model."""
+
+import types
+
+import comfy.ldm.modules.diffusionmodules.openaimodel as openaimodel
+import comfy.model_base
+import comfy.ops
+import comfy.patcher_extension
+import comfy.samplers
+import comfy.supported_models as supported
+import comfy.utils
+import torch
+from comfy_api.v0_0_2 import io
+
+from ..patches import scalecrafter as sc
+from ..patches.schedule import SigmaWindow
+from .common import category, input_error, percent_inputs
+
+WRAPPER_KEY = "ultrares.scalecrafter"
+AUTO = "auto (from latent size)"
+REDILATE = "Re-dilate Model"
+NDCFG = "Noise-Damped CFG"
+
+
+def comfy_conv_weights(conv, x):
+    """The conv's weight and bias the way its own ComfyUI forward gets them: cast to the input's
+    dtype/device (fp16/bf16/fp8 weights, lowvram offload) with LoRA weight functions applied."""
+    if getattr(conv, "comfy_cast_weights", False) or getattr(conv, "weight_function", None) or getattr(conv, "bias_function", None):
+        weight, bias, stream = comfy.ops.cast_bias_weight(conv, x, offloadable=True)
+        return weight, bias, lambda: comfy.ops.uncast_bias_weight(conv, weight, bias, stream)
+    return conv.weight, conv.bias, lambda: None
+
+
+def unet_of(model, node: str):
+    """(diffusion_model, unet_config) of an SD1.x/SD2.x/SDXL-style UNet, or a clear error."""
+    unet = model.get_model_object("diffusion_model")
+    config = getattr(model.model.model_config, "unet_config", {})
+    family = type(model.model).__name__
+    if not isinstance(unet, openaimodel.UNetModel) or "channel_mult" not in config:
+        raise input_error(node, "model", f"a {family} model has no SD-style UNet with 3x3 convolutions to re-dilate",
+                          "use an SD1.x, SD2.x or SDXL-family checkpoint (ScaleCrafter is defined for those UNets)")
+    if config.get("use_temporal_resblock") or config.get("dims", 2) != 2 or config.get("resblock_updown"):
+        raise input_error(node, "model", f"the {family} UNet uses video or ResBlock up/down-sampling layers ScaleCrafter does not define",
+                          "use an SD1.x, SD2.x or SDXL-family image checkpoint")
+    return unet, config
+
+
+def checked_sites(unet, config, node: str) -> tuple[sc.ConvSite, ...]:
+    sites = sc.unet_conv_sites(config)
+    for site in sites:
+        try:
+            conv = comfy.utils.get_attr(unet, site.path)
+        except AttributeError:
+            conv = None
+        if not isinstance(conv, torch.nn.Conv2d) or tuple(conv.kernel_size) != (3, 3) or tuple(conv.dilation) != (1, 1):
+            raise input_error(node, "model", f"the UNet has no plain 3x3 convolution at {site.path} where its config puts one",
+                              "use an unmodified SD1.x, SD2.x or SDXL-family UNet")
+    return sites
+
+
+def native_latent_side(model) -> int | None:
+    """The side (latent pixels) the model was trained at, by model family; None if unknown."""
+    config = model.model.model_config
+    if isinstance(config, (supported.SDXL, supported.SDXLRefiner)):
+        return 1024 // 8
+    if isinstance(config, supported.SD20) and model.model.model_type == comfy.model_base.ModelType.V_PREDICTION:
+        return 768 // 8
+    if isinstance(config, (supported.SD15, supported.SD20)):
+        return 512 // 8
+    return None
+
+
+def percent(name: str, default: float, tooltip: str):
+    return io.Float.Input(name, default=default, min=0.0, max=1.0, step=0.001, tooltip=tooltip)
+
+
+class RedilateModel(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="UltraResRedilateModel",
+            display_name=REDILATE,
+            category=category("ScaleCrafter"),
+            description=(
+                "ScaleCrafter re-dilation: the UNet's inner 3x3 convolutions see a field enlarged by the resolution ratio "
+                "during the early steps, so objects keep the model's native proportions at 2x-4x instead of repeating. "
+                "Optional dispersed (5x5) convolutions. Use with Noise-Damped CFG for 4x and ComfyUI's FreeU."),
+            inputs=[
+                io.Model.Input("model", tooltip="An SD1.x, SD2.x or SDXL-family model. A patched clone is returned."),
+                io.Combo.Input("preset", options=[AUTO, *sc.PRESETS], default=AUTO,
+                               tooltip="Per-layer dilation table. 'auto' derives it at sampling time from the latent size over the "
+                                       "model's native size (deepest level = ratio, each shallower level one less, at least 2). "
+                                       "The others are the reference's tables for that model and output size."),
+                io.Combo.Input("sdxl_layers", options=["intended", "official"], default="intended",
+                               tooltip="SDXL presets only. The reference configs name down_blocks.3, which SDXL lacks, so its deepest "
+                                       "input level stays undilated. 'intended' dilates it like the middle block; 'official' "
+                                       "reproduces the reference exactly."),
+                io.Combo.Input("schedule", options=["reference", "custom"], default="reference",
+                               tooltip="'reference': the preset's active range (dilate_tau of 50 steps) and progressive flag; auto "
+                                       "uses 0-70% and progressive from a factor of 3. 'custom': the three inputs below."),
+                percent("start_percent", 0.0, "Custom schedule: where re-dilation starts (0 = first step)."),
+                percent("end_percent", 0.7, "Custom schedule: where re-dilation stops (the reference uses 0.4-0.74)."),
+                io.Boolean.Input("progressive", default=True,
+                                 tooltip="Custom schedule: decay each layer's factor over the active range, "
+                                         "d_i = max(ceil(d (1 - i/n)), 2), as the reference's 2048/4096 configs."),
+                io.Int.Input("native_latent_size", default=0, min=0, max=1024, step=8,
+                             tooltip="Auto preset: the side of the latent the model was trained at. 0 = from the model family "
+                                     "(64 for SD1.x/2.x at 512 px, 96 for SD2.x v-prediction at 768 px, 128 for SDXL at 1024 px)."),
+                io.Float.Input("dilation", default=0.0, min=0.0, max=16.0, step=0.05,
+                               tooltip="Auto preset: the deepest level's factor instead of the measured resolution ratio "
+                                       "(0 = measure; at least 1)."),
+                percent("dispersion_start_percent", 0.0, "Where dispersed 5x5 convolutions start (0 = first step)."),
+                percent("dispersion_end_percent", 0.0,
+                        "Where dispersed convolutions stop. 0 = off (as every released reference config). Dispersion replaces "
+                        "the deepest re-dilated 3x3 kernels by 5x5 kernels with half the dilation while both ranges are active."),
+            ],
+            outputs=[io.Model.Output(tooltip="The model with re-dilated convolutions.")],
+        )
+
+    @classmethod
+    def execute(cls, model, preset, sdxl_layers, schedule, start_percent, end_percent, progressive,
+                native_latent_size, dilation, dispersion_start_percent, dispersion_end_percent) -> io.NodeOutput:
+        unet, config = unet_of(model, REDILATE)
+        sites = checked_sites(unet, config, REDILATE)
+        levels = len(config["channel_mult"])
+        if 0 < dilation < 1:
+            raise input_error(REDILATE, "dilation", f"{dilation} is below 1 (a convolution cannot be contracted)",
+                              "use 0 to measure the resolution ratio, or a factor of at least 1")
+        if start_percent > end_percent:
+            raise input_error(REDILATE, "start_percent", f"{start_percent} is after end_percent {end_percent}",
+                              "set start_percent <= end_percent")
+        tables = {}
+        if preset == AUTO:
+            native = native_latent_size or native_latent_side(model)
+            if not native:
+                raise input_error(REDILATE, "native_latent_size", f"the native size of a {type(model.model).__name__} model is unknown",
+                                  "enter the latent side the model was trained at (pixels / 8 for SD-family VAEs)")
+            tables = dict(native=native, ratio=dilation)
+            reference = (0.7, None)
+        else:
+            if dilation:
+                raise input_error(REDILATE, "dilation", "a fixed factor applies to the auto preset only",
+                                  "set dilation to 0, or choose the auto preset")
+            chosen = sc.PRESETS[preset]
+            if chosen.levels != levels:
+                raise input_error(REDILATE, "preset", f"'{preset}' is written for a UNet with {chosen.levels} levels, this one has {levels}",
+                                  "choose a preset of the model's family, or auto")
+            main, damped, disperse = chosen.tables(official=sdxl_layers == "official")
+            tables = dict(main=main, damped=damped, disperse=disperse)
+            reference = (chosen.end_percent, chosen.progressive)
+        start, end, prog = (0.0, *reference) if schedule == "reference" else (start_percent, end_percent, progressive)
+        sampling = model.get_model_object("model_sampling")
+        redilation = sc.Redilation(
+            sites, levels, SigmaWindow.from_percents(sampling, start, end),
+            SigmaWindow.from_percents(sampling, dispersion_start_percent, dispersion_end_percent), prog, **tables)
+
+        m = model.clone()
+        m.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY)  # re-applying replaces
+        m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, redilation)
+        for site in sites:
+            key = f"diffusion_model.{site.path}.forward"
+            conv = comfy.utils.get_attr(unet, site.path)
+            previous = m.object_patches.get(key)
+            if isinstance(previous, sc.RedilatedConv):
+                previous = previous.previous
+            if previous is None:
+                previous = types.MethodType(type(conv).forward, conv)
+            m.add_object_patch(key, sc.RedilatedConv(conv, site.path, previous, comfy_conv_weights))
+        return io.NodeOutput(m)
+
+
+class NoiseDampedCFG(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="UltraResNoiseDampedCFG",
+            display_name=NDCFG,
+            category=category("ScaleCrafter"),
+            description=(
+                "ScaleCrafter's noise-damped guidance for a re-dilated model: the CFG direction comes from the strongly "
+                "re-dilated model, its base from one extra unconditional pass with a milder dilation table, which "
+                "denoises better. Costs one extra unconditional UNet pass per step in its range."),
+            inputs=[
+                io.Model.Input("model", tooltip="The output of Re-dilate Model (its tables give the milder one)."),
+                io.Combo.Input("damped_uncond", options=["milder dilation", "undilated"], default="milder dilation",
+                               tooltip="'milder dilation': the reference code's base (the preset's noise-damped table, or the main "
+                                       "table without its shallowest level). 'undilated': the plain model, as the paper words it."),
+                *percent_inputs(io, 0.0, 0.7, "noise-damped guidance (the reference: the re-dilation range)"),
+            ],
+            outputs=[io.Model.Output(tooltip="The model with noise-damped CFG.")],
+        )
+
+    @classmethod
+    def execute(cls, model, damped_uncond, start_percent, end_percent) -> io.NodeOutput:
+        if not model.get_wrappers(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY):
+            raise input_error(NDCFG, "model", "the model is not re-dilated, so there is no damped table to guide from",
+                              f"connect the output of {REDILATE}")
+        if start_percent > end_percent:
+            raise input_error(NDCFG, "start_percent", f"{start_percent} is after end_percent {end_percent}",
+                              "set start_percent <= end_percent")
+        window = SigmaWindow.from_percents(model.get_model_object("model_sampling"), start_percent, end_percent)
+        m = model.clone()
+        others = [f for f in m.model_options.get("sampler_pre_cfg_function", []) if not isinstance(f, sc.NoiseDampedCFG)]
+        m.model_options["sampler_pre_cfg_function"] = others + [
+            sc.NoiseDampedCFG(window, damped_uncond == "undilated", comfy.samplers.calc_cond_batch)]
+        return io.NodeOutput(m)
+
+
+NODES = [RedilateModel, NoiseDampedCFG]
