@@ -253,6 +253,7 @@ class PatchSplit:
         origins = [(max(0, y - jh), max(0, x - jw)) for y, x in layout.corners]
         size_cond = self._size_cond(call, origins, (wh, ww))
         weight = blend_weight(wh, ww, self.blend).to(padded)
+        uniform = self.blend == "uniform"
         value, count = None, torch.zeros(padded.shape[-2:], dtype=padded.dtype, device=padded.device)
 
         def accumulate(i, j, pred):
@@ -260,7 +261,7 @@ class PatchSplit:
             if value is None:
                 value = torch.zeros(pred.shape[1:-2] + padded.shape[-2:], dtype=pred.dtype, device=pred.device)
             for (y, x), p in zip(layout.corners[i:j], pred):
-                value[..., y:y + wh, x:x + ww] += p * weight
+                value[..., y:y + wh, x:x + ww] += p if uniform else p * weight
                 count[y:y + wh, x:x + ww] += weight
 
         call.run(len(layout.corners), (x.shape[1], wh, ww), lambda i, j: (crops(padded, i, j), {k: crops(v, i, j) for k, v in spatial.items()} | size_cond(i, j)),
