@@ -241,6 +241,25 @@ def test_composition_order(sd15_run):
         torch.testing.assert_close(chunk, z0, rtol=1e-5, atol=1e-4)
 
 
+def test_lr_guided_cutdiffusion_and_redilation_in_either_node_order(sd15_run):
+    """Patch Split and Re-dilate are APPLY_MODEL wrappers and size themselves from each call, so
+    the injector (outside them) and its native-size global calls (passed through) compose the same
+    whichever node is applied first."""
+    nc = sd15_run.nc
+    split = lambda m: run_node(nc["UltraResPatchSplit"], model=m, patch_size=8, switch_at=0.5, switch_unit="fraction of steps",
+                               window_overlap=0.5, jitter=True, blend="uniform", max_batch=0, seed=0,
+                               sdxl_size_conditioning="image size + window crop")[0]
+    redilate = lambda m: run_node(nc["UltraResRedilateModel"], model=m, preset="auto (from latent size)", sdxl_layers="intended",
+                                  schedule="custom", start_percent=0.0, end_percent=1.0, progressive=False, native_latent_size=8,
+                                  dilation=0.0, dispersion_start_percent=0.0, dispersion_end_percent=0.0)[0]
+    injected_only = sd15_run.ksampler(sd15_run.inject(global_strength=1.0), steps=2)
+    for patch in (split, redilate):
+        patch_first = sd15_run.ksampler(sd15_run.inject(patch(sd15_run.model), global_strength=1.0), steps=2)
+        injector_first = sd15_run.ksampler(patch(sd15_run.inject(global_strength=1.0)), steps=2)
+        assert torch.equal(patch_first, injector_first)
+        assert not torch.allclose(patch_first, injected_only)
+
+
 def test_phases_2x_then_4x(node_classes, sd15):
     """The workflow pattern: base pass, then an injector pass at 2x guided by it, then one at 4x
     guided by the 2x result with the global path strided to native size (stride 4)."""
