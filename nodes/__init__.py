@@ -7,6 +7,8 @@ from comfy_api.v0_0_2 import ComfyExtension, io
 
 # One module per method; each exposes NODES, a list of its io.ComfyNode classes.
 _NODE_MODULES = (
+    "urae",
+    "exact_decode",
 )
 
 
