@@ -10,6 +10,8 @@ _NODE_MODULES = (
     "scalecrafter",
     "cutdiffusion",
     "lr_injector",
+    "urae",
+    "exact_decode",
 )
 
 

@@ -94,3 +94,26 @@ def write_tiny_sd15_checkpoint(path, seed: int = 0) -> None:
     # fp8 UNet weights keep the file under 30 MB and exercise ComfyUI's weight-casting path.
     dtype = lambda k: torch.float8_e4m3fn if k.startswith("model.") and sd[k].ndim >= 2 else torch.float16
     safetensors.torch.save_file({k: v.to(dtype(k)).contiguous() for k, v in sd.items()}, str(path))
+
+
+TINY_VAE = {
+    "double_z": True, "z_channels": 4, "resolution": 64, "in_channels": 3, "out_ch": 3, "ch": 32,
+    "ch_mult": [1, 1, 2, 2], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0,
+}
+
+
+def tiny_vae(seed: int = 0, **overrides):
+    """SD-layout AutoencoderKL VAE (8x, post-quant conv, GroupNorm(32) on 32/64 channels) as a comfy.sd.VAE,
+    built through the VAE's config path. Norm scales are perturbed so GroupNorm's affine part matters."""
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+    import comfy.sd
+
+    ddconfig = dict(TINY_VAE, **overrides)
+    params = {"embed_dim": ddconfig["z_channels"], "ddconfig": ddconfig}
+    model = init_parameters(AutoencoderKL(**params), seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".norm" in name and p.ndim == 1:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.2)
+    return comfy.sd.VAE(sd=model.state_dict(), config={"params": params})
