@@ -1,4 +1,5 @@
-"""What every UltraRes node shares: the menu category and the one way bad input is reported."""
+"""What every UltraRes node shares: the menu category, the one way bad input is reported, and the
+native (training) size of a model family."""
 
 PACK = "UltraRes"
 
@@ -30,3 +31,26 @@ def sigma_of(transformer_options: dict, timestep) -> float:
     """The current sigma of a model call (ComfyUI passes sigma as the `t` of apply_model)."""
     sigmas = transformer_options.get("sigmas")
     return float((sigmas if sigmas is not None else timestep).reshape(-1)[0])
+
+
+# Native size in latent px per model family (first match along the config's class hierarchy).
+NATIVE_LATENT_SIZE = {
+    "ChromaRadiance": 1024,  # pixel space
+    "SD15": 64, "SDXL": 128, "SDXLRefiner": 128, "SD3": 128, "Flux": 128, "AuraFlow": 128,
+    "Chroma": 128, "HiDream": 128, "Lumina2": 128,
+}
+
+
+def native_latent_size(model) -> int | None:
+    """The side, in latent pixels, the model was trained at; None if unknown. A model config may
+    declare it (`native_latent_size`, as the toy world does); else it follows from the family."""
+    config = model.model.model_config
+    declared = getattr(config, "native_latent_size", None)
+    if declared:
+        return declared
+    for cls in type(config).__mro__:
+        if cls.__name__ == "SD20":  # SD2.x 768-v and 512-base share one config class
+            return 96 if model.model.model_type.name == "V_PREDICTION" else 64
+        if cls.__name__ in NATIVE_LATENT_SIZE:
+            return NATIVE_LATENT_SIZE[cls.__name__]
+    return None

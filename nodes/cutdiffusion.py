@@ -8,28 +8,11 @@ import comfy.utils
 from comfy_api.v0_0_2 import io
 
 from ..patches import cutdiffusion as cd
-from .common import category, input_error
+from .common import category, input_error, native_latent_size
 
 SPLIT_NAME = "Patch Split/Reassemble"
 INTERACTION_NAME = "Pixel Interaction"
 SWITCH_UNITS = ("fraction of steps", "timestep percent", "sigma")
-
-# Native size in latent px per model family (first match along the config's class hierarchy).
-NATIVE_LATENT_SIZE = {
-    "ChromaRadiance": 1024,  # pixel space
-    "SD15": 64, "SDXL": 128, "SDXLRefiner": 128, "SD3": 128, "Flux": 128, "AuraFlow": 128,
-    "Chroma": 128, "HiDream": 128, "Lumina2": 128,
-}
-
-
-def native_latent_size(model) -> int | None:
-    for cls in type(model.model.model_config).__mro__:
-        if cls.__name__ == "SD20":  # SD2.x 768-v and 512-base share one config class
-            return 96 if model.model.model_type == comfy.model_base.ModelType.V_PREDICTION else 64
-        if cls.__name__ in NATIVE_LATENT_SIZE:
-            return NATIVE_LATENT_SIZE[cls.__name__]
-    return None
-
 
 def host_runtime() -> cd.Runtime:
     """ComfyUI's free-memory query, cancel check and node progress bar."""

@@ -5,11 +5,9 @@ into a clone of the model."""
 import types
 
 import comfy.ldm.modules.diffusionmodules.openaimodel as openaimodel
-import comfy.model_base
 import comfy.ops
 import comfy.patcher_extension
 import comfy.samplers
-import comfy.supported_models as supported
 import comfy.utils
 import torch
 from comfy_api.v0_0_2 import io
@@ -17,6 +15,7 @@ from comfy_api.v0_0_2 import io
 from ..patches import scalecrafter as sc
 from ..patches.schedule import SigmaWindow
 from .common import category, input_error, percent_inputs
+from .common import native_latent_size as common_native_size
 
 WRAPPER_KEY = "ultrares.scalecrafter"
 AUTO = "auto (from latent size)"
@@ -58,18 +57,6 @@ def checked_sites(unet, config, node: str) -> tuple[sc.ConvSite, ...]:
             raise input_error(node, "model", f"the UNet has no plain 3x3 convolution at {site.path} where its config puts one",
                               "use an unmodified SD1.x, SD2.x or SDXL-family UNet")
     return sites
-
-
-def native_latent_side(model) -> int | None:
-    """The side (latent pixels) the model was trained at, by model family; None if unknown."""
-    config = model.model.model_config
-    if isinstance(config, (supported.SDXL, supported.SDXLRefiner)):
-        return 1024 // 8
-    if isinstance(config, supported.SD20) and model.model.model_type == comfy.model_base.ModelType.V_PREDICTION:
-        return 768 // 8
-    if isinstance(config, (supported.SD15, supported.SD20)):
-        return 512 // 8
-    return None
 
 
 def percent(name: str, default: float, tooltip: str):
@@ -133,7 +120,7 @@ class RedilateModel(io.ComfyNode):
                               "set start_percent <= end_percent")
         tables = {}
         if preset == AUTO:
-            native = native_latent_size or native_latent_side(model)
+            native = native_latent_size or common_native_size(model)
             if not native:
                 raise input_error(REDILATE, "native_latent_size", f"the native size of a {type(model.model).__name__} model is unknown",
                                   "enter the latent side the model was trained at (pixels / 8 for SD-family VAEs)")
