@@ -27,6 +27,10 @@ WEIGHTS = pathlib.Path(__file__).with_name("toy_world.safetensors")
 SHAPES = ("disk", "square", "triangle")
 NATIVE_LATENT_SIZE = 32  # trained at 32x32 latent pixels = 256x256 image pixels
 CONTEXT_TOKENS, CONTEXT_DIM = 4, 32
+# The sampling the toy world is measured with: stochastic, as the ScaleCrafter reference (DDIM eta 1).
+# dpmpp_2m_sde draws its noise from a Brownian tree; euler_ancestral seeded like the initial noise
+# (as KSampler seeds it) re-adds that noise at the first step and leaves this small model's pictures grainy.
+SAMPLING = {"sampler_name": "dpmpp_2m_sde", "scheduler": "karras", "steps": 20, "cfg": 2.0}
 EMBEDDINGS_KEY = "class_embeddings"  # (len(SHAPES) + 1, tokens, dim); the last row is the unconditional one
 
 UNET = {
@@ -109,7 +113,7 @@ class ToyWorldVAE(comfy.sd.VAE):
         self.size = None
 
 
-def load_weights(path: pathlib.Path = WEIGHTS) -> tuple[dict, torch.Tensor]:
+def load_weights(path: pathlib.Path) -> tuple[dict, torch.Tensor]:
     """(diffusion_model state dict, class embeddings) from the shipped safetensors."""
     if not path.is_file():
         raise input_error(LOADER, "shape", f"the toy-world weights {path.name} are missing from {path.parent}",
@@ -165,7 +169,7 @@ def _cached_weights():
     key = (WEIGHTS, WEIGHTS.stat().st_mtime if WEIGHTS.is_file() else None)
     if key not in _CACHE:
         _CACHE.clear()
-        _CACHE[key] = load_weights()
+        _CACHE[key] = load_weights(WEIGHTS)
     return _CACHE[key]
 
 

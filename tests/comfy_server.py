@@ -25,13 +25,13 @@ def free_port() -> int:
 
 
 class ComfyServer:
-    def __init__(self, base_directory: pathlib.Path, python: str = sys.executable, extra_args=()):
+    def __init__(self, base_directory: pathlib.Path, python: str = sys.executable, extra_args=(), cpu: bool = True):
         self.base = make_base_directory(pathlib.Path(base_directory))
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = self.base / "server.log"
         self.cmd = [
-            python, str(COMFYUI_DIR / "main.py"), "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+            python, str(COMFYUI_DIR / "main.py"), *(["--cpu"] if cpu else []), "--listen", "127.0.0.1", "--port", str(self.port),
             "--disable-api-nodes", "--database-url", "sqlite:///:memory:", "--base-directory", str(self.base),
             "--disable-all-custom-nodes", "--whitelist-custom-nodes", PACK_NAME,
             "--use-pytorch-cross-attention", "--disable-auto-launch", *extra_args,

@@ -69,8 +69,8 @@ def load(kind: str):
         return host.run_node(host.load_nodes()[node_id], **inputs)
 
     if kind == "toy":
-        model, positive, negative, _ = node("UltraResToyWorldLoader", shape="circle")
-        return model, positive, negative, lambda size: {"samples": torch.zeros(1, 3, size, size)}, 32, node
+        model, positive, negative, _ = node("UltraResToyWorldLoader", shape="disk")
+        return model, positive, negative, lambda size: {"samples": torch.zeros(1, 4, size, size)}, 32, node
     import tiny_models
 
     gen = torch.Generator().manual_seed(0)

@@ -22,18 +22,26 @@ def _signed_distance(kind: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor, r: 
     return torch.where(kind == 0, disk, torch.where(kind == 1, square, tri))
 
 
-def render(kind: torch.Tensor, centre: torch.Tensor, radius: torch.Tensor, colour: torch.Tensor,
-           bg_a: torch.Tensor, bg_b: torch.Tensor, bg_angle: torch.Tensor, size: int = SIZE) -> torch.Tensor:
-    """Draw one object per picture. Per-picture tensors: kind (B,), centre (B, 2) in px, radius (B,),
-    colour / bg_a / bg_b (B, 3) in [-1, 1], bg_angle (B,). Anti-aliased edges."""
+def _grid(size: int):
     coords = torch.arange(size, dtype=torch.float32) + 0.5
-    y, x = torch.meshgrid(coords, coords, indexing="ij")
+    return torch.meshgrid(coords, coords, indexing="ij")
+
+
+def gradient(bg_a: torch.Tensor, bg_b: torch.Tensor, angle: torch.Tensor, size: int = SIZE) -> torch.Tensor:
+    """Linear gradient from colour bg_a to bg_b (B, 3) along direction `angle` (B,): (B, 3, size, size)."""
+    y, x = _grid(size)
+    u = ((x[None] - size / 2) * torch.cos(angle)[:, None, None] + (y[None] - size / 2) * torch.sin(angle)[:, None, None]) / size + 0.5
+    return bg_a[:, :, None, None] + (bg_b - bg_a)[:, :, None, None] * u[:, None]
+
+
+def draw(canvas: torch.Tensor, kind: torch.Tensor, centre: torch.Tensor, radius: torch.Tensor, colour: torch.Tensor) -> torch.Tensor:
+    """Paint one object per picture over `canvas` (B, 3, S, S): kind (B,), centre (B, 2) in px,
+    radius (B,), colour (B, 3) in [-1, 1]. Anti-aliased edges."""
+    y, x = _grid(canvas.shape[-1])
     dx = x[None] - centre[:, 0, None, None]
     dy = centre[:, 1, None, None] - y[None]  # y up, so the triangle points up
     inside = (_signed_distance(kind[:, None, None], dx, dy, radius[:, None, None]) + 0.5).clamp(0, 1)[:, None]
-    u = ((x[None] - size / 2) * torch.cos(bg_angle)[:, None, None] + (y[None] - size / 2) * torch.sin(bg_angle)[:, None, None]) / size + 0.5
-    background = bg_a[:, :, None, None] + (bg_b - bg_a)[:, :, None, None] * u[:, None]
-    return background * (1 - inside) + colour[:, :, None, None] * inside
+    return canvas * (1 - inside) + colour[:, :, None, None] * inside
 
 
 def sample(batch: int, gen: torch.Generator, kinds: torch.Tensor | None = None):
@@ -53,7 +61,7 @@ def sample(batch: int, gen: torch.Generator, kinds: torch.Tensor | None = None):
     weak = _contrast(colour, bg_a, bg_b) < MIN_CONTRAST
     bg_b[weak] = bg_a[weak]  # rare: fall back to a flat background
     colour[weak] = torch.where(bg_a[weak] > 0, -1.0, 1.0)
-    return render(kind, centre, radius, colour, bg_a, bg_b, rand(batch) * 2 * math.pi), kind
+    return draw(gradient(bg_a, bg_b, rand(batch) * 2 * math.pi), kind, centre, radius, colour), kind
 
 
 def _contrast(colour, bg_a, bg_b):

@@ -1,0 +1,178 @@
+"""Repetition benchmark on the toy world: for direct inference and every method of the pack, at 2x
+and 4x the native side, how often the picture repeats the object, and whether it is still a clean
+picture (a broken image must not pass for a fixed one).
+
+  .venv/bin/python tests/bench/repetition.py --json out/repetition.json [--seeds 33] [--scales 2,4] [--methods a,b]
+
+Every picture is one seed (its own noise, as KSampler draws it) and the shape seed % 3; the samples
+run through the real host's nodes (Toy World Loader, the pack's patch nodes, KSampler's sampling),
+dpmpp_2m_sde / karras / 20 steps / CFG 2, batched per shape (the LR-guided method through the
+LR-Guided Sampler, the exact form, wrapping the same sampler). Per method and scale it reports:
+  repetition_rate  share of pictures with more than one object
+  one_object_rate  share with exactly one
+  mean_objects     mean object count
+  size_ratio       mean sqrt(object area) / picture side (native pictures: ~0.45)
+  clean_rate       share that read as "gradient + flat objects" (tests/toy_world/measure.py)
+  sec_per_image    wall seconds of sampling per picture (2 torch threads)
+  lr_mse           LR-guided methods and img2img: MSE between the result, averaged down to the
+                   native size, and the native-size picture it was guided by (lower = more faithful)
+"""
+
+import argparse
+import json
+import pathlib
+import sys
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import host  # noqa: E402  (the real ComfyUI host on CPU)
+
+import comfy.sample  # noqa: E402
+import comfy.samplers  # noqa: E402
+import comfy.utils  # noqa: E402
+import torch  # noqa: E402
+from toy_world import measure  # noqa: E402
+from ultrares.nodes import toy_world  # noqa: E402
+
+NATIVE = toy_world.NATIVE_LATENT_SIZE
+SAMPLER, SCHEDULER, STEPS, CFG = toy_world.SAMPLING.values()  # the toy world's own settings (see there why)
+
+
+def node(node_id, **inputs):
+    return host.run_node(host.load_nodes()[node_id], **inputs)
+
+
+def redilate(model):
+    return node("UltraResRedilateModel", model=model, preset="auto (from latent size)", sdxl_layers="intended",
+                schedule="reference", start_percent=0.0, end_percent=0.7, progressive=True, native_latent_size=0,
+                dilation=0.0, dispersion_start_percent=0.0, dispersion_end_percent=0.0)[0]
+
+
+def ndcfg(model):
+    return node("UltraResNoiseDampedCFG", model=redilate(model), damped_uncond="milder dilation",
+                start_percent=0.0, end_percent=0.7)[0]
+
+
+def patch_split(model, switch_at):
+    return node("UltraResPatchSplit", model=model, patch_size=0, switch_at=switch_at, switch_unit="fraction of steps",
+                window_overlap=0.5, jitter=True, blend="uniform", max_batch=0, seed=0,
+                sdxl_size_conditioning="image size + window crop")[0]
+
+
+def cutdiffusion(model):
+    return node("UltraResPixelInteraction", model=patch_split(model, 0.5), seed=0)[0]
+
+
+def lr_inject(model, low_res, seed):
+    return node("UltraResLRConditionInjector", model=model, low_res_latent={"samples": low_res}, seed=seed,
+                skip_strength=1.0, alpha1=3.0, global_strength=0.0, alpha2=1.0, blur_sigma=0.8, alpha3=1.0,
+                global_stride=0, upscale_method="bicubic", start_percent=0.0, end_percent=1.0)[0]
+
+
+# name -> (patch of the loaded model, denoise, starts from the upscaled native picture, needs the native picture)
+METHODS = {
+    "direct": (lambda m, lr, s: m, 1.0, False),
+    "redilate": (lambda m, lr, s: redilate(m), 1.0, False),
+    "redilate+ndcfg": (lambda m, lr, s: ndcfg(m), 1.0, False),
+    "multidiffusion": (lambda m, lr, s: patch_split(m, 0.0), 1.0, False),
+    "cutdiffusion": (lambda m, lr, s: cutdiffusion(m), 1.0, False),
+    "lr_inject": (lambda m, lr, s: lr_inject(m, lr, s), 1.0, False),
+    "img2img@1.0": (lambda m, lr, s: m, 1.0, True),
+    "img2img@0.6": (lambda m, lr, s: m, 0.6, True),
+}
+GUIDED = {"lr_inject", "img2img@1.0", "img2img@0.6"}
+
+
+def noise(seeds, size):
+    """Each picture's own noise, drawn as KSampler draws it for a batch of one."""
+    return torch.cat([torch.randn((1, 4, size, size), generator=torch.manual_seed(s)) for s in seeds])
+
+
+def sample(model, positive, negative, seeds, size, latent=None, denoise=1.0, guided=False):
+    latent = torch.zeros(len(seeds), 4, size, size) if latent is None else latent
+    if not guided:
+        return comfy.sample.sample(model, noise(seeds, size), STEPS, CFG, SAMPLER, SCHEDULER, positive, negative, latent,
+                                   denoise=denoise, seed=seeds[0])
+    sampler = node("UltraResLRGuidedSampler", sampler=comfy.samplers.sampler_object(SAMPLER))[0]
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), SCHEDULER, STEPS)
+    return comfy.sample.sample_custom(model, noise(seeds, size), CFG, sampler, sigmas, positive, negative, latent, seed=seeds[0])
+
+
+def run_method(name, scale, seeds, worlds, natives):
+    patch, denoise, from_native = METHODS[name]
+    size = NATIVE * scale
+    latents, seconds = {}, 0.0
+    for shape, (model, positive, negative) in worlds.items():
+        group = [s for s in seeds if toy_world.SHAPES[s % 3] == shape]
+        low = torch.cat([natives[s] for s in group]) if natives else None
+        patched = patch(model, low, group[0])
+        start = time.perf_counter()
+        init = comfy.utils.common_upscale(low, size, size, "bicubic", "disabled") if from_native else None
+        out = sample(patched, positive, negative, group, size, init, denoise, guided=name == "lr_inject")
+        seconds += time.perf_counter() - start
+        latents.update({s: out[i:i + 1] for i, s in enumerate(group)})
+    ordered = torch.cat([latents[s] for s in seeds])
+    figures = measure.summary(measure.read_latents(ordered))
+    figures["sec_per_image"] = seconds / len(seeds)
+    if name in GUIDED:
+        native = torch.cat([natives[s] for s in seeds])
+        down = torch.nn.functional.avg_pool2d(ordered[:, :3], scale)
+        figures["lr_mse"] = float(((down - native[:, :3]) ** 2).mean())
+    return figures, ordered
+
+
+def table(results: dict) -> str:
+    cols = ("repetition_rate", "one_object_rate", "mean_objects", "size_ratio", "clean_rate", "sec_per_image", "lr_mse")
+    lines = ["| method@scale | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for key, f in results.items():
+        lines.append(f"| {key} | " + " | ".join("" if c not in f else f"{f[c]:.2f}" if c != "lr_mse" else f"{f[c]:.4f}"
+                                                 for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", type=pathlib.Path)
+    p.add_argument("--seeds", type=int, default=33, help="pictures per method and scale (shapes rotate with the seed)")
+    p.add_argument("--scales", default="2,4")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--save-latents", type=pathlib.Path, help="also save every method's latents here (safetensors)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(2)
+    comfy.utils.PROGRESS_BAR_ENABLED = False
+    worlds = {}
+    for shape in toy_world.SHAPES:
+        model, positive, negative, _ = node("UltraResToyWorldLoader", shape=shape)
+        worlds[shape] = (model, positive, negative)
+    seeds = list(range(args.seeds))
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = set(methods) - METHODS.keys()
+    if unknown:
+        p.error(f"unknown methods {sorted(unknown)}; choose from {', '.join(METHODS)}")
+    results, saved = {}, {}
+    figures, native = run_method("direct", 1, seeds, worlds, None)
+    results["direct@1x"] = figures
+    natives = {s: native[i:i + 1] for i, s in enumerate(seeds)}
+    saved["direct@1x"] = native
+    print(f"direct@1x: {figures}", flush=True)
+    for scale in [int(s) for s in args.scales.split(",") if s]:
+        for name in methods:
+            figures, latents = run_method(name, scale, seeds, worlds, natives)
+            results[f"{name}@{scale}x"] = figures
+            saved[f"{name}@{scale}x"] = latents
+            print(f"{name}@{scale}x: {figures}", flush=True)
+    print(f"\ntoy world, {len(seeds)} seeds, {SAMPLER}/{SCHEDULER}, {STEPS} steps, CFG {CFG}\n\n{table(results)}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=1) + "\n")
+    if args.save_latents:
+        import safetensors.torch
+
+        args.save_latents.parent.mkdir(parents=True, exist_ok=True)
+        safetensors.torch.save_file({k: v.contiguous() for k, v in saved.items()}, str(args.save_latents))
+    return results
+
+
+if __name__ == "__main__":
+    main()
