@@ -141,12 +141,12 @@ function patchSplitInfo(node, size, chain, sampler) {
   const native = nativeSize(chain, isFluxLatent(sampler));
   const patch = value(node, "patch_size") || native.side;
   const plan = M.patchSplitPlan(size[0], size[1], patch, value(node, "window_overlap"), value(node, "max_batch"));
-  const calls = (n) => (n == null ? "batched by free memory" : `${n} model calls`);
+  const calls = (n) => (n == null ? "" : ` in ${n} model calls`); // max_batch 0: as free memory allows
   const lines = [`${px(size)}, patch ${patch} latent px${value(node, "patch_size") ? "" : ` (${native.how})`}`];
   if (plan.passthrough) lines.push("latent fits one patch: the model runs unchanged");
   else {
-    lines.push(`stage 1: ${grid(plan.grid1)} sub-lattices = ${plan.stage1} patches/step (${calls(plan.calls1)})`);
-    lines.push(`stage 2: ${grid(plan.grid2)} windows = ${plan.stage2} patches/step (${calls(plan.calls2)})`);
+    lines.push(`stage 1: ${grid(plan.grid1)} sub-lattices = ${plan.stage1} patches/step${calls(plan.calls1)}`);
+    lines.push(`stage 2: ${grid(plan.grid2)} windows = ${plan.stage2} patches/step${calls(plan.calls2)}`);
   }
   return { lines, data: { size, patch, ...plan } };
 }
