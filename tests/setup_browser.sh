@@ -8,6 +8,6 @@ if [[ $(id -u) -ne 0 ]]; then
   echo "[setup] /usr/bin/chromium is missing: install Debian's 'chromium' package for tests/test_browser.py" >&2
   exit 0
 fi
-echo "[setup] installing Debian's chromium for the browser test (first run: about a minute)"
+echo "[setup] installing Debian's chromium for the browser test (first run: a few minutes)"
 apt-get update -qq
-DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null
+DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
