@@ -63,6 +63,8 @@ PY
   fi
 fi
 
+if [[ -z "${COMFYUI_DIR:-}" ]]; then bash "$root/tests/setup_browser.sh"; fi  # chromium for tests/test_browser.py
+
 # The pack is a custom node of the host (a link, so edits here are live).
 link="$comfy/custom_nodes/ultrares"
 if [[ "$(readlink "$link" 2>/dev/null)" != "$root" ]]; then
