@@ -138,6 +138,7 @@ def main(argv=None):
     p.add_argument("--scales", default="2,4")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--save-latents", type=pathlib.Path, help="also save every method's latents here (safetensors)")
+    p.add_argument("--resume", action="store_true", help="keep the entries --json already holds; measure only the rest")
     args = p.parse_args(argv)
     torch.set_num_threads(2)
     comfy.utils.PROGRESS_BAR_ENABLED = False
@@ -151,21 +152,24 @@ def main(argv=None):
     if unknown:
         p.error(f"unknown methods {sorted(unknown)}; choose from {', '.join(METHODS)}")
     results, saved = {}, {}
+    if args.resume and args.json and args.json.is_file():
+        results = json.loads(args.json.read_text())
+
+    def record(key, figures, latents):
+        results[key], saved[key] = figures, latents
+        print(f"{key}: {figures}", flush=True)
+        if args.json:  # after every entry, so a long run can be resumed
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(results, indent=1) + "\n")
+
     figures, native = run_method("direct", 1, seeds, worlds, None)
-    results["direct@1x"] = figures
-    natives = {s: native[i:i + 1] for i, s in enumerate(seeds)}
-    saved["direct@1x"] = native
-    print(f"direct@1x: {figures}", flush=True)
+    natives = {s: native[i:i + 1] for i, s in enumerate(seeds)}  # the guide of the LR-guided methods
+    record("direct@1x", figures, native)
     for scale in [int(s) for s in args.scales.split(",") if s]:
         for name in methods:
-            figures, latents = run_method(name, scale, seeds, worlds, natives)
-            results[f"{name}@{scale}x"] = figures
-            saved[f"{name}@{scale}x"] = latents
-            print(f"{name}@{scale}x: {figures}", flush=True)
+            if f"{name}@{scale}x" not in results:
+                record(f"{name}@{scale}x", *run_method(name, scale, seeds, worlds, natives))
     print(f"\ntoy world, {len(seeds)} seeds, {SAMPLER}/{SCHEDULER}, {STEPS} steps, CFG {CFG}\n\n{table(results)}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=1) + "\n")
     if args.save_latents:
         import safetensors.torch
 
