@@ -5,8 +5,8 @@
 - Every API workflow runs end to end with tiny models, same node chain, sizes scaled down:
   * SDXL / SD1.5: CheckpointLoaderSimple -> the pack's Toy World Loader (MODEL, VAE) and the two
     CLIPTextEncode -> its positive / negative conditioning (no SDXL text encoder can be made small).
-    Sizes x1/8 (SDXL: 4096 -> 512 px = 2x the toy's native 256, as 2048 is 2x SDXL's 1024 ...
-    so the methods run at a ratio above 1) and x1/4 for SD1.5 (2048 -> 512). The SD1.5 dilation
+    Sizes x1/8 for SDXL (4096 -> 512 px, 2x the toy's native 256, so every method still runs
+    above native size; the 1024 base pass becomes 128) and x1/4 for SD1.5 (2048 -> 512). The SD1.5 dilation
     preset names a 4-level UNet; the toy UNet has 3 levels, so it becomes 'auto'.
   * FLUX: UNETLoader + DualCLIPLoader/CLIPTextEncode -> tests/testkit's tiny FLUX DiT and its
     conditioning (ComfyUI's FLUX detection needs the full width); ae.safetensors is a 16-channel
