@@ -409,6 +409,10 @@ def run_workflow(workflow, server: str = DEFAULT_SERVER, overrides=(), out_dir=N
         if status != 200:
             raise ValidationFailed(format_node_errors(reply, prompt))
         prompt_id = reply["prompt_id"]
+        if reply.get("node_errors"):  # the host queues the outputs that did validate: take them back out
+            srv.request("/queue", {"delete": [prompt_id]})
+            raise ValidationFailed(format_node_errors(
+                dict(reply, error={"message": f"some outputs failed validation (prompt {prompt_id} removed from the queue)"}), prompt))
         if on_queued:
             on_queued(prompt_id)
         _follow(ws, prompt_id, prompt, on_event, idle_timeout)
