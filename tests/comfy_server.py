@@ -25,20 +25,26 @@ def free_port() -> int:
 
 
 class ComfyServer:
-    def __init__(self, base_directory: pathlib.Path, python: str = sys.executable, extra_args=(), cpu: bool = True):
+    def __init__(self, base_directory: pathlib.Path, python: str = sys.executable, extra_args=(), extra_packs=None,
+                 cpu: bool = True):
+        """extra_packs: {folder name: path} of more custom-node folders to link and load (test fixtures);
+        cpu=False lets the host use its accelerator (the main job's real-checkpoint run)."""
         self.base = make_base_directory(pathlib.Path(base_directory))
+        for name, path in (extra_packs or {}).items():
+            if not (self.base / "custom_nodes" / name).exists():
+                (self.base / "custom_nodes" / name).symlink_to(path, target_is_directory=True)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = self.base / "server.log"
         self.cmd = [
             python, str(COMFYUI_DIR / "main.py"), *(["--cpu"] if cpu else []), "--listen", "127.0.0.1", "--port", str(self.port),
             "--disable-api-nodes", "--database-url", "sqlite:///:memory:", "--base-directory", str(self.base),
-            "--disable-all-custom-nodes", "--whitelist-custom-nodes", PACK_NAME,
+            "--disable-all-custom-nodes", "--whitelist-custom-nodes", PACK_NAME, *(extra_packs or {}),
             "--use-pytorch-cross-attention", "--disable-auto-launch", *extra_args,
         ]
         self.proc = None
 
-    def start(self, timeout: float = 120.0) -> "ComfyServer":
+    def start(self, timeout: float = 300.0) -> "ComfyServer":  # a busy 2-core machine needs minutes
         env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(self.cmd, cwd=COMFYUI_DIR, stdout=self._log, stderr=subprocess.STDOUT, env=env)

@@ -17,7 +17,8 @@ from ultrares.nodes.common import UltraResInputError
 from ultrares.nodes.urae import URAE4KAdapterLoader, URAEFlux
 from ultrares.patches import urae
 
-HIDDEN, RANK = tiny_models.FLUX_DIT["hidden_size"], 16
+HIDDEN, RANK = tiny_models.FLUX_DIT["hidden_size"], tiny_models.URAE_RANK
+urae_2k_adapter, urae_4k_adapter = tiny_models.urae_2k_adapter, tiny_models.urae_4k_adapter
 TEXT_TOKENS = 8
 
 
@@ -111,28 +112,6 @@ def test_a_non_flux_model_is_refused_clearly(sd15):
 
 
 # ---- adapters ------------------------------------------------------------------------------------------
-
-def urae_2k_adapter(seed=3):
-    """The released 2K layout (PEFT LoRA r16 on the image-stream attention), at the tiny model's shapes."""
-    g = torch.Generator().manual_seed(seed)
-    sd = {}
-    modules = [f"transformer_blocks.0.attn.{p}" for p in ("to_q", "to_k", "to_v", "to_out.0")]
-    modules += [f"single_transformer_blocks.0.attn.{p}" for p in ("to_q", "to_k", "to_v")]
-    for m in modules:
-        sd[f"transformer.{m}.lora_A.weight"] = torch.randn(RANK, HIDDEN, generator=g) * 0.1
-        sd[f"transformer.{m}.lora_B.weight"] = torch.randn(HIDDEN, RANK, generator=g) * 0.1
-    return sd
-
-
-def urae_4k_adapter(seed=4):
-    g = torch.Generator().manual_seed(seed)
-    sd = {}
-    for block, projections in (("transformer_blocks.0", ("to_q", "to_k", "to_v", "to_out")), ("single_transformer_blocks.0", ("to_q", "to_k", "to_v"))):
-        for p in projections:
-            sd[f"{block}.attn.processor.{p}_a.weight"] = torch.randn(RANK, HIDDEN, generator=g) * 0.1
-            sd[f"{block}.attn.processor.{p}_b.weight"] = torch.randn(HIDDEN, RANK, generator=g) * 0.1
-    return sd
-
 
 def save_lora(name, sd):
     safetensors.torch.save_file({k: v.detach().contiguous() for k, v in sd.items()}, str(host.BASE_DIRECTORY / "models" / "loras" / name))

@@ -117,3 +117,39 @@ def tiny_vae(seed: int = 0, **overrides):
             if ".norm" in name and p.ndim == 1:
                 p.add_(torch.randn(p.shape, generator=gen) * 0.2)
     return comfy.sd.VAE(sd=model.state_dict(), config={"params": params})
+
+
+def write_tiny_taesd_vae(path, latent_channels: int = 16, seed: int = 0) -> None:
+    """A TAESD-layout VAE file (ComfyUI's VAE loader detects it by its keys), e.g. a stand-in for
+    FLUX's ae.safetensors with 16 latent channels: ~2M parameters, so decoding costs nothing."""
+    import comfy.taesd.taesd
+    import safetensors.torch
+
+    vae = init_parameters(comfy.taesd.taesd.TAESD(latent_channels=latent_channels), seed)
+    safetensors.torch.save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(path))
+
+
+URAE_RANK = 16
+
+
+def urae_2k_adapter(seed: int = 3, hidden: int = FLUX_DIT["hidden_size"]) -> dict:
+    """URAE's released 2K layout (PEFT LoRA r16 on the image-stream attention), at tiny_flux's shapes."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    modules = [f"transformer_blocks.0.attn.{p}" for p in ("to_q", "to_k", "to_v", "to_out.0")]
+    modules += [f"single_transformer_blocks.0.attn.{p}" for p in ("to_q", "to_k", "to_v")]
+    for m in modules:
+        sd[f"transformer.{m}.lora_A.weight"] = torch.randn(URAE_RANK, hidden, generator=g) * 0.1
+        sd[f"transformer.{m}.lora_B.weight"] = torch.randn(hidden, URAE_RANK, generator=g) * 0.1
+    return sd
+
+
+def urae_4k_adapter(seed: int = 4, hidden: int = FLUX_DIT["hidden_size"]) -> dict:
+    """URAE's 4K minor-component adapter layout (processor.to_q_a / to_q_b ...), at tiny_flux's shapes."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for block, projections in (("transformer_blocks.0", ("to_q", "to_k", "to_v", "to_out")), ("single_transformer_blocks.0", ("to_q", "to_k", "to_v"))):
+        for p in projections:
+            sd[f"{block}.attn.processor.{p}_a.weight"] = torch.randn(URAE_RANK, hidden, generator=g) * 0.1
+            sd[f"{block}.attn.processor.{p}_b.weight"] = torch.randn(hidden, URAE_RANK, generator=g) * 0.1
+    return sd
