@@ -29,7 +29,7 @@ from comfy_server import ComfyServer  # noqa: E402
 from host import REPO  # noqa: E402
 from toy_world import measure  # noqa: E402
 
-TOY_WORKFLOW = REPO / "workflows" / "api" / "toy_world_4x.json"
+TOY_WORKFLOW = REPO / "workflows" / "api" / "toy_world_4x_compare.json"
 SDXL_WORKFLOW = REPO / "workflows" / "api" / "sdxl_4096_cutdiffusion.json"
 
 
