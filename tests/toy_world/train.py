@@ -55,7 +55,7 @@ def train(steps: int, batch: int, lr: float, seed: int, out: pathlib.Path, snaps
     embeddings = torch.nn.Parameter(torch.randn(n_classes + 1, toy_world.CONTEXT_TOKENS, toy_world.CONTEXT_DIM, generator=gen))
     params = list(unet.parameters()) + [embeddings]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    warmup = min(200, steps // 10)
+    warmup = max(1, min(200, steps // 10))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda i: min(1.0, (i + 1) / warmup) * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps))))
     ema = copy.deepcopy({"unet": unet.state_dict(), "embeddings": embeddings.detach()})
