@@ -30,7 +30,7 @@ from host import REPO  # noqa: E402
 from toy_world import measure  # noqa: E402
 
 TOY_WORKFLOW = REPO / "workflows" / "api" / "toy_world_4x_compare.json"
-SDXL_WORKFLOW = REPO / "workflows" / "api" / "sdxl_4096_cutdiffusion.json"
+SDXL_WORKFLOW = REPO / "workflows" / "api" / "sdxl_4096_redilate_ndcfg.json"  # the method that measured best here
 
 
 def upstream(graph: dict, output_id: str) -> dict:
