@@ -3,8 +3,9 @@
   bash tests/main_job.sh [--out out/main_job] [--batch 4] [--sdxl /path/to/sdxl_checkpoint.safetensors]
 
 Toy world (default): the bundled toy-world workflow at 4x (1024x1024 px from a 256 px model) has
-one branch per method, each ending in its own SaveImage. Each branch is queued as its own prompt
-(the graph pruned to that output), so its wall time is its own. The pictures are saved side by
+one branch per method, each ending in its own SaveImage. Each branch is queued with the pack's
+headless client (client.py) as its own prompt (the graph pruned to that output), so its wall time
+is its own. The pictures are saved side by
 side (columns = methods, rows = pictures of the batch) and each is read by the toy-world object
 counter: repetition rate, clean-picture rate, seconds per picture.
 
@@ -28,6 +29,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from comfy_server import ComfyServer  # noqa: E402
 from host import REPO  # noqa: E402
 from toy_world import measure  # noqa: E402
+from ultrares import client  # noqa: E402
 
 TOY_WORKFLOW = REPO / "workflows" / "api" / "toy_world_4x_compare.json"
 SDXL_WORKFLOW = REPO / "workflows" / "api" / "sdxl_4096_redilate_ndcfg.json"  # the method that measured best here
@@ -43,23 +45,6 @@ def upstream(graph: dict, output_id: str) -> dict:
         keep.add(nid)
         todo.extend(v[0] for v in graph[nid]["inputs"].values() if isinstance(v, list) and len(v) == 2 and str(v[0]) in graph)
     return {nid: graph[nid] for nid in graph if nid in keep}
-
-
-def set_inputs(graph: dict, class_type: str, **values) -> int:
-    hits = 0
-    for spec in graph.values():
-        if spec["class_type"] == class_type:
-            spec["inputs"].update({k: v for k, v in values.items() if k in spec["inputs"]})
-            hits += 1
-    return hits
-
-
-def outputs_of(server: ComfyServer, entry: dict) -> list[pathlib.Path]:
-    files = []
-    for out in entry["outputs"].values():
-        for im in out.get("images", []):
-            files.append(server.base / im.get("type", "output") / im.get("subfolder", "") / im["filename"])
-    return files
 
 
 def label(graph: dict, nid: str) -> str:
@@ -81,14 +66,13 @@ def side_by_side(columns: dict[str, list[pathlib.Path]], path: pathlib.Path, cel
 
 def toy_job(server: ComfyServer, out: pathlib.Path, batch: int) -> dict:
     graph = json.loads(TOY_WORKFLOW.read_text())
-    set_inputs(graph, "EmptyLatentImage", batch_size=batch)
     results, columns = {}, {}
     for nid in [n for n, s in graph.items() if s["class_type"] == "SaveImage"]:
         name = label(graph, nid)
         start = time.perf_counter()
-        entry = server.run_prompt(upstream(graph, nid), timeout=1800)
+        files = client.run_workflow(upstream(graph, nid), server.url, overrides=[f"*.batch_size={batch}"],
+                                    out_dir=out, on_event=None)["files"]
         seconds = time.perf_counter() - start
-        files = outputs_of(server, entry)
         pictures = [np.asarray(Image.open(f).convert("RGB"), dtype=np.float32) / 255 for f in files]
         figures = measure.summary(measure.read_images(np.stack(pictures)))
         figures.update(sec_per_image=seconds / len(files), pictures=len(files), size=list(Image.open(files[0]).size))
@@ -103,15 +87,9 @@ def sdxl_job(server: ComfyServer, out: pathlib.Path, checkpoint: pathlib.Path) -
     link = server.base / "models" / "checkpoints" / checkpoint.name
     if not link.exists():
         link.symlink_to(checkpoint.resolve())
-    graph = json.loads(SDXL_WORKFLOW.read_text())
-    if not set_inputs(graph, "CheckpointLoaderSimple", ckpt_name=checkpoint.name):
-        raise SystemExit(f"{SDXL_WORKFLOW.name} has no CheckpointLoaderSimple to point at {checkpoint.name}")
     start = time.perf_counter()
-    entry = server.run_prompt(graph, timeout=6 * 3600)
+    files = client.run_workflow(SDXL_WORKFLOW, server.url, overrides=[f"*.ckpt_name={checkpoint.name}"], out_dir=out)["files"]
     seconds = time.perf_counter() - start
-    files = outputs_of(server, entry)
-    for f in files:
-        shutil.copy(f, out / f.name)
     print(f"{SDXL_WORKFLOW.name}: {len(files)} picture(s) in {seconds:.0f} s -> {out}")
     return {SDXL_WORKFLOW.stem: {"seconds": seconds, "files": [f.name for f in files]}}
 
@@ -128,7 +106,10 @@ def main(argv=None):
     base = args.out / "server"
     shutil.rmtree(base, ignore_errors=True)
     with ComfyServer(base, cpu=not args.sdxl) as server:
-        results = sdxl_job(server, args.out, args.sdxl) if args.sdxl else toy_job(server, args.out, args.batch)
+        try:
+            results = sdxl_job(server, args.out, args.sdxl) if args.sdxl else toy_job(server, args.out, args.batch)
+        except client.ClientError as e:  # unreachable, invalid graph, failed or interrupted run: say which
+            raise SystemExit(f"main job: {e}") from None
     (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     if not args.sdxl:
         print(f"\nside by side: {args.out / 'side_by_side.png'}\n\n| branch | repetition | clean | objects | size ratio | s/picture |\n|---|---|---|---|---|---|")

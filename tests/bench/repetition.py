@@ -36,7 +36,8 @@ from toy_world import measure  # noqa: E402
 from ultrares.nodes import toy_world  # noqa: E402
 
 NATIVE = toy_world.NATIVE_LATENT_SIZE
-SAMPLER, SCHEDULER, STEPS, CFG = toy_world.SAMPLING.values()  # the toy world's own settings (see there why)
+SAMPLING = toy_world.SAMPLING  # the toy world's own settings (see there why)
+SAMPLER, SCHEDULER, STEPS, CFG = (SAMPLING[k] for k in ("sampler_name", "scheduler", "steps", "cfg"))
 
 
 def node(node_id, **inputs):
@@ -70,7 +71,7 @@ def lr_inject(model, low_res, seed):
                 global_stride=0, upscale_method="bicubic", start_percent=0.0, end_percent=1.0)[0]
 
 
-# name -> (patch of the loaded model, denoise, starts from the upscaled native picture, needs the native picture)
+# name -> (patch of the loaded model (model, native pictures, seed), denoise, starts from the upscaled native picture)
 METHODS = {
     "direct": (lambda m, lr, s: m, 1.0, False),
     "redilate": (lambda m, lr, s: redilate(m), 1.0, False),
