@@ -57,8 +57,8 @@ class UltraResPatchSplit(io.ComfyNode):
                                        "(0.5 = stride of half a window, the reference)."),
                 io.Boolean.Input("jitter", default=True,
                                  tooltip="Stage 2: move every window randomly by up to a quarter of the overlap each "
-                                         "step, on a zero-padded canvas (the reference: +-16 latent px for SDXL), so "
-                                         "window seams never stay in one place."),
+                                         "step, on a padded canvas (the reference: +-16 latent px for SDXL), so "
+                                         "window seams never stay in one place (see jitter_padding)."),
                 io.Combo.Input("blend", options=["uniform", "smooth"], default="uniform",
                                tooltip="Stage 2: how overlapping windows are averaged. 'uniform' = plain mean (the "
                                        "reference); 'smooth' = a cosine taper that weights window centres more."),
@@ -74,13 +74,17 @@ class UltraResPatchSplit(io.ComfyNode):
                                        "reference): original and target size = the full image, crop = the window's "
                                        "position. 'window size': every patch/window is conditioned as a whole "
                                        "image of its own size. 'unchanged': keep the conditioning as encoded."),
+                io.Combo.Input("jitter_padding", options=list(cd.JITTER_PADDINGS), default=cd.JITTER_PADDINGS[0], optional=True,
+                               tooltip="Stage 2: how the canvas the jittered windows move into is padded. 'reflect' "
+                                       "mirrors the latent; 'zeros (reference)' pads with a noise-free zero strip, "
+                                       "which the model can read as an edge and draw extra objects at."),
             ],
             outputs=[io.Model.Output(tooltip="The patched clone.")],
         )
 
     @classmethod
     def execute(cls, model, patch_size, switch_at, switch_unit, window_overlap, jitter, blend, max_batch, seed,
-                sdxl_size_conditioning) -> io.NodeOutput:
+                sdxl_size_conditioning, jitter_padding=cd.JITTER_PADDINGS[0]) -> io.NodeOutput:
         if model.model.latent_format.latent_dimensions != 2:
             raise input_error(SPLIT_NAME, "model", "the model does not work on 2-D image latents (video/audio/3-D)",
                               "use an image model")
@@ -100,7 +104,7 @@ class UltraResPatchSplit(io.ComfyNode):
             switch = cd.StageSwitch("steps" if switch_unit == SWITCH_UNITS[0] else "sigma", switch_at)
         embedder = model.model.embedder if isinstance(model.model, comfy.model_base.SDXL) else None
         wrapper = cd.PatchSplit(patch_size, switch, window_overlap, jitter, blend, max_batch, seed,
-                                sdxl_size_conditioning, embedder, host_runtime(), SPLIT_NAME)
+                                sdxl_size_conditioning, jitter_padding, embedder, host_runtime(), SPLIT_NAME)
         m = model.clone()
         m.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, cd.KEY)  # applied twice: last wins
         m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, cd.KEY, wrapper)

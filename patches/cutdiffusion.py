@@ -23,6 +23,10 @@ import torch.nn.functional as F
 KEY = "ultrares.patch_split"  # wrapper key on the model
 INTERACTION_KEY = "ultrares.pixel_interaction"  # transformer_options entry set by Pixel Interaction
 SDXL_SIZE_MODES = ("image size + window crop", "window size", "unchanged")
+# Stage-2 jitter canvas. The reference zero-pads, so a window shifted into the margin sees a noise-free
+# strip (a hard edge at high sigma) that the model draws objects at; mirroring keeps the margin
+# statistically like the picture. Measured on the toy world in README.
+JITTER_PADDINGS = ("reflect", "zeros (reference)")
 
 
 # ---------------------------------------------------------------- stage 1: strided sub-lattices
@@ -191,6 +195,7 @@ class PatchSplit:
     max_batch: int = 0
     seed: int = 0
     sdxl_size: str = SDXL_SIZE_MODES[0]
+    padding: str = JITTER_PADDINGS[0]
     sdxl_embedder: Optional[Callable] = None
     runtime: Runtime = field(default_factory=Runtime)
     name: str = "Patch Split/Reassemble"
@@ -242,8 +247,10 @@ class PatchSplit:
         layout = windows(height, width, self.patch, self.overlap, self.jitter, step_generator(self.seed, sigma))
         (wh, ww), (jh, jw) = layout.size, layout.pad
 
-        def canvas(tensor):
-            return F.pad(tensor, (jw, jw, jh, jh)) if jh or jw else tensor
+        mode = "reflect" if self.padding == "reflect" else "constant"
+
+        def canvas(tensor):  # jitter < window / 8 < side, as reflect padding needs
+            return F.pad(tensor, (jw, jw, jh, jh), mode=mode) if jh or jw else tensor
 
         def crops(tensor, i, j):
             return torch.stack([tensor[..., y:y + wh, x:x + ww] for y, x in layout.corners[i:j]])

@@ -139,6 +139,28 @@ def test_stage2_windows_of_a_constant_model_give_the_constant_everywhere(sd15, b
     assert seen and all(s[-2:] == (16, 16) for s in seen)
 
 
+@pytest.mark.parametrize("padding", cd.JITTER_PADDINGS)
+def test_jittered_windows_see_the_mirrored_picture_or_the_reference_zero_strip(sd15, padding):
+    """Reflect: every window input holds only values of the latent (a window moved into the margin sees
+    the picture mirrored); zeros (reference): some window sees the noise-free zero strip."""
+    inputs = []
+
+    def record(executor, x, t, *args, **kwargs):
+        inputs.append(x.clone())
+        return x
+
+    model = add_probe(patch_split(sd15, switch_unit="sigma", switch_at=5.0, jitter_padding=padding), record)
+    x = torch.rand(1, 4, 48, 40) + 1.0  # every value in [1, 2): a zero can only come from padding
+    out = apply(model, x, STAGE2, torch.randn(1, 77, 768))
+    seen = torch.cat(inputs)
+    assert seen.shape[-2:] == (16, 16) and len(inputs) >= 1
+    if padding == "reflect":
+        assert bool((seen >= 1.0).all())
+        torch.testing.assert_close(out, x)  # mirrored margins are cropped away: identity model, identity result
+    else:
+        assert bool((seen == 0).any())
+
+
 def test_pixel_interaction_permutation_is_shared_by_cond_and_uncond_and_fresh_per_step(sd15):
     seen = []
 

@@ -55,14 +55,14 @@ def ndcfg(model):
                 start_percent=0.0, end_percent=0.7)[0]
 
 
-def patch_split(model, switch_at):
+def patch_split(model, switch_at, padding="reflect"):
     return node("UltraResPatchSplit", model=model, patch_size=0, switch_at=switch_at, switch_unit="fraction of steps",
                 window_overlap=0.5, jitter=True, blend="uniform", max_batch=0, seed=0,
-                sdxl_size_conditioning="image size + window crop")[0]
+                sdxl_size_conditioning="image size + window crop", jitter_padding=padding)[0]
 
 
-def cutdiffusion(model):
-    return node("UltraResPixelInteraction", model=patch_split(model, 0.5), seed=0)[0]
+def cutdiffusion(model, switch_at=0.5, padding="reflect"):
+    return node("UltraResPixelInteraction", model=patch_split(model, switch_at, padding), seed=0)[0]
 
 
 def lr_inject(model, low_res, seed):
@@ -77,7 +77,10 @@ METHODS = {
     "redilate": (lambda m, lr, s: redilate(m), 1.0, False),
     "redilate+ndcfg": (lambda m, lr, s: ndcfg(m), 1.0, False),
     "multidiffusion": (lambda m, lr, s: patch_split(m, 0.0), 1.0, False),
+    "multidiffusion-zeropad": (lambda m, lr, s: patch_split(m, 0.0, "zeros (reference)"), 1.0, False),
     "cutdiffusion": (lambda m, lr, s: cutdiffusion(m), 1.0, False),
+    "cutdiffusion-zeropad": (lambda m, lr, s: cutdiffusion(m, padding="zeros (reference)"), 1.0, False),
+    "cutdiffusion-switch0.75": (lambda m, lr, s: cutdiffusion(m, 0.75), 1.0, False),
     "lr_inject": (lambda m, lr, s: lr_inject(m, lr, s), 1.0, False),
     "img2img@1.0": (lambda m, lr, s: m, 1.0, True),
     "img2img@0.6": (lambda m, lr, s: m, 0.6, True),
