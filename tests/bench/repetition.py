@@ -65,9 +65,9 @@ def cutdiffusion(model, switch_at=0.5, padding="reflect"):
     return node("UltraResPixelInteraction", model=patch_split(model, switch_at, padding), seed=0)[0]
 
 
-def lr_inject(model, low_res, seed):
+def lr_inject(model, low_res, seed, global_strength=0.0):
     return node("UltraResLRConditionInjector", model=model, low_res_latent={"samples": low_res}, seed=seed,
-                skip_strength=1.0, alpha1=3.0, global_strength=0.0, alpha2=1.0, blur_sigma=0.8, alpha3=1.0,
+                skip_strength=1.0, alpha1=3.0, global_strength=global_strength, alpha2=1.0, blur_sigma=0.8, alpha3=1.0,
                 global_stride=0, upscale_method="bicubic", start_percent=0.0, end_percent=1.0)[0]
 
 
@@ -82,10 +82,11 @@ METHODS = {
     "cutdiffusion-zeropad": (lambda m, lr, s: cutdiffusion(m, padding="zeros (reference)"), 1.0, False),
     "cutdiffusion-switch0.75": (lambda m, lr, s: cutdiffusion(m, 0.75), 1.0, False),
     "lr_inject": (lambda m, lr, s: lr_inject(m, lr, s), 1.0, False),
+    "lr_inject+global": (lambda m, lr, s: lr_inject(m, lr, s, global_strength=1.0), 1.0, False),
     "img2img@1.0": (lambda m, lr, s: m, 1.0, True),
     "img2img@0.6": (lambda m, lr, s: m, 0.6, True),
 }
-GUIDED = {"lr_inject", "img2img@1.0", "img2img@0.6"}
+GUIDED = {"lr_inject", "lr_inject+global", "img2img@1.0", "img2img@0.6"}
 
 
 def noise(seeds, size):
@@ -113,7 +114,7 @@ def run_method(name, scale, seeds, worlds, natives):
         patched = patch(model, low, group[0])
         start = time.perf_counter()
         init = comfy.utils.common_upscale(low, size, size, "bicubic", "disabled") if from_native else None
-        out = sample(patched, positive, negative, group, size, init, denoise, guided=name == "lr_inject")
+        out = sample(patched, positive, negative, group, size, init, denoise, guided=name.startswith("lr_inject"))
         seconds += time.perf_counter() - start
         latents.update({s: out[i:i + 1] for i, s in enumerate(group)})
     ordered = torch.cat([latents[s] for s in seeds])
