@@ -74,7 +74,7 @@ class UltraResPatchSplit(io.ComfyNode):
                                        "reference): original and target size = the full image, crop = the window's "
                                        "position. 'window size': every patch/window is conditioned as a whole "
                                        "image of its own size. 'unchanged': keep the conditioning as encoded."),
-                io.Combo.Input("jitter_padding", options=list(cd.JITTER_PADDINGS), default=cd.JITTER_PADDINGS[0], optional=True,
+                io.Combo.Input("jitter_padding", options=list(cd.JITTER_PADDINGS), default="reflect", optional=True,
                                tooltip="Stage 2: how the canvas the jittered windows move into is padded. 'reflect' "
                                        "mirrors the latent; 'zeros (reference)' pads with a noise-free zero strip, "
                                        "which the model can read as an edge and draw extra objects at."),
@@ -84,7 +84,7 @@ class UltraResPatchSplit(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, patch_size, switch_at, switch_unit, window_overlap, jitter, blend, max_batch, seed,
-                sdxl_size_conditioning, jitter_padding=cd.JITTER_PADDINGS[0]) -> io.NodeOutput:
+                sdxl_size_conditioning, jitter_padding="reflect") -> io.NodeOutput:
         if model.model.latent_format.latent_dimensions != 2:
             raise input_error(SPLIT_NAME, "model", "the model does not work on 2-D image latents (video/audio/3-D)",
                               "use an image model")

@@ -25,8 +25,8 @@ INTERACTION_KEY = "ultrares.pixel_interaction"  # transformer_options entry set 
 SDXL_SIZE_MODES = ("image size + window crop", "window size", "unchanged")
 # Stage-2 jitter canvas. The reference zero-pads, so a window shifted into the margin sees a noise-free
 # strip (a hard edge at high sigma) that the model draws objects at; mirroring keeps the margin
-# statistically like the picture. Measured on the toy world in README.
-JITTER_PADDINGS = ("reflect", "zeros (reference)")
+# statistically like the picture. Measured on the toy world in README. Option -> torch pad mode.
+JITTER_PADDINGS = {"reflect": "reflect", "zeros (reference)": "constant"}
 
 
 # ---------------------------------------------------------------- stage 1: strided sub-lattices
@@ -195,7 +195,7 @@ class PatchSplit:
     max_batch: int = 0
     seed: int = 0
     sdxl_size: str = SDXL_SIZE_MODES[0]
-    padding: str = JITTER_PADDINGS[0]
+    padding: str = "reflect"  # a JITTER_PADDINGS option
     sdxl_embedder: Optional[Callable] = None
     runtime: Runtime = field(default_factory=Runtime)
     name: str = "Patch Split/Reassemble"
@@ -247,9 +247,9 @@ class PatchSplit:
         layout = windows(height, width, self.patch, self.overlap, self.jitter, step_generator(self.seed, sigma))
         (wh, ww), (jh, jw) = layout.size, layout.pad
 
-        mode = "reflect" if self.padding == "reflect" else "constant"
+        mode = JITTER_PADDINGS[self.padding]
 
-        def canvas(tensor):  # jitter < window / 8 < side, as reflect padding needs
+        def canvas(tensor):  # jitter <= (window - 1) / 4 < side, as reflect padding needs
             return F.pad(tensor, (jw, jw, jh, jh), mode=mode) if jh or jw else tensor
 
         def crops(tensor, i, j):

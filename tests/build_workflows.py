@@ -17,7 +17,8 @@ import uuid
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 
-from host import REPO  # noqa: E402
+from host import REPO  # noqa: E402  (the real host in this process: the pack is importable)
+from ultrares.nodes import toy_world  # noqa: E402
 
 WORKFLOWS = REPO / "workflows"
 
@@ -263,7 +264,7 @@ def toy_world_4x_compare(g):
     """Toy world 4x: direct vs Re-dilate vs CutDiffusion"""
     toy = g.add("UltraResToyWorldLoader", "Toy world", shape="disk")
     size = g.add("EmptyLatentImage", "Size", width=1024, height=1024, batch_size=1)
-    settings = dict(sampler_name="dpmpp_2m_sde", scheduler="karras", steps=20, cfg=2.0)  # = toy_world.SAMPLING
+    settings = dict(toy_world.SAMPLING)
     pos, neg = (toy, 1), (toy, 2)
 
     def branch(model, slot, title, prefix):

@@ -127,12 +127,14 @@ def test_prompt_round_trip_through_the_toy_world(comfy_server):
     """A graph with a node of the pack queued through the live server's /prompt returns an image."""
     from PIL import Image
 
+    from ultrares.nodes import toy_world
+
     prompt = {
         "1": {"class_type": "UltraResToyWorldLoader", "inputs": {"shape": "square"}},
         "2": {"class_type": "EmptyLatentImage", "inputs": {"width": 256, "height": 256, "batch_size": 1}},
         "3": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "positive": ["1", 1], "negative": ["1", 2],
-                                                   "latent_image": ["2", 0], "seed": 3, "steps": 12, "cfg": 2.0,
-                                                   "sampler_name": "dpmpp_2m_sde", "scheduler": "karras", "denoise": 1.0}},
+                                                   "latent_image": ["2", 0], "seed": 3, "denoise": 1.0,
+                                                   **dict(toy_world.SAMPLING, steps=12)}},
         "4": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["1", 3]}},
         "5": {"class_type": "SaveImage", "inputs": {"images": ["4", 0], "filename_prefix": "toy_round_trip"}},
     }

@@ -86,7 +86,8 @@ METHODS = {
     "img2img@1.0": (lambda m, lr, s: m, 1.0, True),
     "img2img@0.6": (lambda m, lr, s: m, 0.6, True),
 }
-GUIDED = {"lr_inject", "lr_inject+global", "img2img@1.0", "img2img@0.6"}
+LR_GUIDED = {"lr_inject", "lr_inject+global"}  # sampled through the LR-Guided Sampler
+GUIDED = LR_GUIDED | {"img2img@1.0", "img2img@0.6"}  # start from or follow the native picture: lr_mse
 
 
 def noise(seeds, size):
@@ -114,7 +115,7 @@ def run_method(name, scale, seeds, worlds, natives):
         patched = patch(model, low, group[0])
         start = time.perf_counter()
         init = comfy.utils.common_upscale(low, size, size, "bicubic", "disabled") if from_native else None
-        out = sample(patched, positive, negative, group, size, init, denoise, guided=name.startswith("lr_inject"))
+        out = sample(patched, positive, negative, group, size, init, denoise, guided=name in LR_GUIDED)
         seconds += time.perf_counter() - start
         latents.update({s: out[i:i + 1] for i, s in enumerate(group)})
     ordered = torch.cat([latents[s] for s in seeds])
