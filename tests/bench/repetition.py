@@ -13,6 +13,8 @@ LR-Guided Sampler, the exact form, wrapping the same sampler). Per method and sc
   mean_objects     mean object count
   size_ratio       mean sqrt(object area) / picture side (native pictures: ~0.45)
   clean_rate       share that read as "gradient + flat objects" (tests/toy_world/measure.py)
+  contrast         mean over pictures of the RGB standard deviation (native pictures ~0.5; a washed-out,
+                   greyed picture has little)
   sec_per_image    wall seconds of sampling per picture (2 torch threads)
   lr_mse           LR-guided methods and img2img: MSE between the result, averaged down to the
                    native size, and the native-size picture it was guided by (lower = more faithful)
@@ -44,14 +46,14 @@ def node(node_id, **inputs):
     return host.run_node(host.load_nodes()[node_id], **inputs)
 
 
-def redilate(model):
+def redilate(model, schedule="reference", end_percent=0.7, dispersion_end_percent=0.0):
     return node("UltraResRedilateModel", model=model, preset="auto (from latent size)", sdxl_layers="intended",
-                schedule="reference", start_percent=0.0, end_percent=0.7, progressive=True, native_latent_size=0,
-                dilation=0.0, dispersion_start_percent=0.0, dispersion_end_percent=0.0)[0]
+                schedule=schedule, start_percent=0.0, end_percent=end_percent, progressive=True, native_latent_size=0,
+                dilation=0.0, dispersion_start_percent=0.0, dispersion_end_percent=dispersion_end_percent)[0]
 
 
-def ndcfg(model):
-    return node("UltraResNoiseDampedCFG", model=redilate(model), damped_uncond="milder dilation",
+def ndcfg(model, **redilation):
+    return node("UltraResNoiseDampedCFG", model=redilate(model, **redilation), damped_uncond="milder dilation",
                 start_percent=0.0, end_percent=0.7)[0]
 
 
@@ -65,9 +67,9 @@ def cutdiffusion(model, switch_at=0.5, padding="reflect"):
     return node("UltraResPixelInteraction", model=patch_split(model, switch_at, padding), seed=0)[0]
 
 
-def lr_inject(model, low_res, seed, global_strength=0.0):
+def lr_inject(model, low_res, seed, global_strength=0.0, alpha1=3.0, alpha2=1.0):
     return node("UltraResLRConditionInjector", model=model, low_res_latent={"samples": low_res}, seed=seed,
-                skip_strength=1.0, alpha1=3.0, global_strength=global_strength, alpha2=1.0, blur_sigma=0.8, alpha3=1.0,
+                skip_strength=1.0, alpha1=alpha1, global_strength=global_strength, alpha2=alpha2, blur_sigma=0.8, alpha3=1.0,
                 global_stride=0, upscale_method="bicubic", start_percent=0.0, end_percent=1.0)[0]
 
 
@@ -76,17 +78,27 @@ METHODS = {
     "direct": (lambda m, lr, s: m, 1.0, False),
     "redilate": (lambda m, lr, s: redilate(m), 1.0, False),
     "redilate+ndcfg": (lambda m, lr, s: ndcfg(m), 1.0, False),
+    # custom schedule: re-dilated (progressively, down to 2) through every step, not only the first 70%
+    "redilate-all-steps": (lambda m, lr, s: redilate(m, "custom", 1.0), 1.0, False),
+    "redilate-all-steps+dispersion": (lambda m, lr, s: redilate(m, "custom", 1.0, 0.3), 1.0, False),
+    "redilate-all-steps+ndcfg": (lambda m, lr, s: ndcfg(m, schedule="custom", end_percent=1.0), 1.0, False),
     "multidiffusion": (lambda m, lr, s: patch_split(m, 0.0), 1.0, False),
     "multidiffusion-zeropad": (lambda m, lr, s: patch_split(m, 0.0, "zeros (reference)"), 1.0, False),
     "cutdiffusion": (lambda m, lr, s: cutdiffusion(m), 1.0, False),
     "cutdiffusion-zeropad": (lambda m, lr, s: cutdiffusion(m, padding="zeros (reference)"), 1.0, False),
     "cutdiffusion-switch0.75": (lambda m, lr, s: cutdiffusion(m, 0.75), 1.0, False),
+    "cutdiffusion-stage1-only": (lambda m, lr, s: cutdiffusion(m, 1.0), 1.0, False),
     "lr_inject": (lambda m, lr, s: lr_inject(m, lr, s), 1.0, False),
     "lr_inject+global": (lambda m, lr, s: lr_inject(m, lr, s, global_strength=1.0), 1.0, False),
+    # slow decay (alpha 0.25): the guidance holds through most of the steps, for big jumps such as 4x
+    "lr_inject+global-hold": (lambda m, lr, s: lr_inject(m, lr, s, 1.0, alpha1=0.25, alpha2=0.25), 1.0, False),
+    # LR-guided CutDiffusion: the injector on top of Patch Split + Pixel Interaction
+    "lr_inject+global-hold+cutdiffusion": (lambda m, lr, s: lr_inject(cutdiffusion(m), lr, s, 1.0, alpha1=0.25, alpha2=0.25),
+                                           1.0, False),
     "img2img@1.0": (lambda m, lr, s: m, 1.0, True),
     "img2img@0.6": (lambda m, lr, s: m, 0.6, True),
 }
-LR_GUIDED = {"lr_inject", "lr_inject+global"}  # sampled through the LR-Guided Sampler
+LR_GUIDED = {"lr_inject", "lr_inject+global", "lr_inject+global-hold", "lr_inject+global-hold+cutdiffusion"}  # sampled through the LR-Guided Sampler
 GUIDED = LR_GUIDED | {"img2img@1.0", "img2img@0.6"}  # start from or follow the native picture: lr_mse
 
 
@@ -95,17 +107,17 @@ def noise(seeds, size):
     return torch.cat([torch.randn((1, 4, size, size), generator=torch.manual_seed(s)) for s in seeds])
 
 
-def sample(model, positive, negative, seeds, size, latent=None, denoise=1.0, guided=False):
+def sample(model, positive, negative, seeds, size, latent=None, denoise=1.0, guided=False, cfg=CFG):
     latent = torch.zeros(len(seeds), 4, size, size) if latent is None else latent
     if not guided:
-        return comfy.sample.sample(model, noise(seeds, size), STEPS, CFG, SAMPLER, SCHEDULER, positive, negative, latent,
+        return comfy.sample.sample(model, noise(seeds, size), STEPS, cfg, SAMPLER, SCHEDULER, positive, negative, latent,
                                    denoise=denoise, seed=seeds[0])
     sampler = node("UltraResLRGuidedSampler", sampler=comfy.samplers.sampler_object(SAMPLER))[0]
     sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), SCHEDULER, STEPS)
-    return comfy.sample.sample_custom(model, noise(seeds, size), CFG, sampler, sigmas, positive, negative, latent, seed=seeds[0])
+    return comfy.sample.sample_custom(model, noise(seeds, size), cfg, sampler, sigmas, positive, negative, latent, seed=seeds[0])
 
 
-def run_method(name, scale, seeds, worlds, natives):
+def run_method(name, scale, seeds, worlds, natives, cfg=CFG):
     patch, denoise, from_native = METHODS[name]
     size = NATIVE * scale
     latents, seconds = {}, 0.0
@@ -115,11 +127,12 @@ def run_method(name, scale, seeds, worlds, natives):
         patched = patch(model, low, group[0])
         start = time.perf_counter()
         init = comfy.utils.common_upscale(low, size, size, "bicubic", "disabled") if from_native else None
-        out = sample(patched, positive, negative, group, size, init, denoise, guided=name in LR_GUIDED)
+        out = sample(patched, positive, negative, group, size, init, denoise, guided=name in LR_GUIDED, cfg=cfg)
         seconds += time.perf_counter() - start
         latents.update({s: out[i:i + 1] for i, s in enumerate(group)})
     ordered = torch.cat([latents[s] for s in seeds])
     figures = measure.summary(measure.read_latents(ordered))
+    figures["contrast"] = float(ordered[:, :3].flatten(1).std(1).mean())  # native pictures: ~0.5; washed out: low
     figures["sec_per_image"] = seconds / len(seeds)
     if name in GUIDED:
         native = torch.cat([natives[s] for s in seeds])
@@ -129,7 +142,7 @@ def run_method(name, scale, seeds, worlds, natives):
 
 
 def table(results: dict) -> str:
-    cols = ("repetition_rate", "one_object_rate", "mean_objects", "size_ratio", "clean_rate", "sec_per_image", "lr_mse")
+    cols = ("repetition_rate", "one_object_rate", "mean_objects", "size_ratio", "clean_rate", "contrast", "sec_per_image", "lr_mse")
     lines = ["| method@scale | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for key, f in results.items():
         lines.append(f"| {key} | " + " | ".join("" if c not in f else f"{f[c]:.2f}" if c != "lr_mse" else f"{f[c]:.4f}"
@@ -144,8 +157,11 @@ def main(argv=None):
     p.add_argument("--scales", default="2,4")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--save-latents", type=pathlib.Path, help="also save every method's latents here (safetensors)")
+    p.add_argument("--cfg", type=float, default=CFG, help=f"guidance scale of every entry (default: the toy world's {CFG:g})")
     p.add_argument("--resume", action="store_true", help="keep the entries --json already holds; measure only the rest")
     args = p.parse_args(argv)
+    cfg = args.cfg
+    suffix = "" if cfg == CFG else f"-cfg{cfg:g}"  # another guidance scale: entries of their own
     torch.set_num_threads(2)
     comfy.utils.PROGRESS_BAR_ENABLED = False
     worlds = {}
@@ -168,14 +184,14 @@ def main(argv=None):
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(results, indent=1) + "\n")
 
-    figures, native = run_method("direct", 1, seeds, worlds, None)
+    figures, native = run_method("direct", 1, seeds, worlds, None, cfg)
     natives = {s: native[i:i + 1] for i, s in enumerate(seeds)}  # the guide of the LR-guided methods
-    record("direct@1x", figures, native)
+    record(f"direct@1x{suffix}", figures, native)
     for scale in [int(s) for s in args.scales.split(",") if s]:
         for name in methods:
-            if f"{name}@{scale}x" not in results:
-                record(f"{name}@{scale}x", *run_method(name, scale, seeds, worlds, natives))
-    print(f"\ntoy world, {len(seeds)} seeds, {SAMPLER}/{SCHEDULER}, {STEPS} steps, CFG {CFG}\n\n{table(results)}")
+            if f"{name}@{scale}x{suffix}" not in results:
+                record(f"{name}@{scale}x{suffix}", *run_method(name, scale, seeds, worlds, natives, cfg))
+    print(f"\ntoy world, {len(seeds)} seeds, {SAMPLER}/{SCHEDULER}, {STEPS} steps, CFG {cfg:g}\n\n{table(results)}")
     if args.save_latents:
         import safetensors.torch
 
