@@ -261,28 +261,47 @@ def sd15_2048_scalecrafter(g):
 
 
 def toy_world_4x_compare(g):
-    """Toy world 4x: direct vs Re-dilate vs CutDiffusion"""
+    """Toy world 4x: direct vs Re-dilate vs CutDiffusion vs LR-guided"""
     toy = g.add("UltraResToyWorldLoader", "Toy world", shape="disk")
     size = g.add("EmptyLatentImage", "Size", width=1024, height=1024, batch_size=1)
     settings = dict(toy_world.SAMPLING)
     pos, neg = (toy, 1), (toy, 2)
 
-    def branch(model, slot, title, prefix):
-        k = g.add("KSampler", title, model=(model, slot), positive=pos, negative=neg, latent_image=(size, 0), seed=0, denoise=1.0, **settings)
-        image = g.add("VAEDecode", samples=(k, 0), vae=(toy, 3))
+    def save(latent, prefix):
+        image = g.add("VAEDecode", samples=latent, vae=(toy, 3))
         g.add("SaveImage", filename_prefix=f"UltraRes/toy_{prefix}", images=(image, 0))
 
-    branch(toy, 0, "Sampler (direct)", "direct")
-    redilated = g.add("UltraResRedilateModel", model=(toy, 0))
-    branch(g.add("UltraResNoiseDampedCFG", model=(redilated, 0)), 0, "Sampler (re-dilated)", "redilate")
+    def branch(model, title, prefix, latent=size):
+        k = g.add("KSampler", title, model=(model, 0), positive=pos, negative=neg, latent_image=(latent, 0), seed=0, denoise=1.0,
+                  **settings)
+        save((k, 0), prefix)
+        return k
+
+    branch(toy, "Sampler (direct)", "direct")
+    # re-dilated through every step (custom schedule): the setting that passed at 4x on this model (README)
+    branch(g.add("UltraResRedilateModel", model=(toy, 0), schedule="custom", end_percent=1.0), "Sampler (re-dilated)", "redilate")
     split = g.add("UltraResPatchSplit", model=(toy, 0))
-    branch(g.add("UltraResPixelInteraction", model=(split, 0)), 0, "Sampler (CutDiffusion)", "cutdiffusion")
+    branch(g.add("UltraResPixelInteraction", model=(split, 0)), "Sampler (CutDiffusion)", "cutdiffusion")
+    # LR-guided: the native-size picture guides one 4x pass (slow-decay guidance, exact LR-Guided Sampler)
+    native = g.add("EmptyLatentImage", "Size (1x guide)", width=256, height=256, batch_size=1)
+    guide = g.add("KSampler", "Sampler (1x guide)", model=(toy, 0), positive=pos, negative=neg, latent_image=(native, 0), seed=0,
+                  denoise=1.0, **settings)
+    guided = g.add("UltraResLRConditionInjector", model=(toy, 0), low_res_latent=(guide, 0), alpha1=0.25, global_strength=1.0,
+                   alpha2=0.25)
+    select = g.add("KSamplerSelect", sampler_name=settings["sampler_name"])
+    exact = g.add("UltraResLRGuidedSampler", sampler=(select, 0))
+    sigmas = g.add("BasicScheduler", model=(guided, 0), scheduler=settings["scheduler"], steps=settings["steps"], denoise=1.0)
+    k = g.add("SamplerCustom", "Sampler (LR-guided)", model=(guided, 0), add_noise=True, noise_seed=0, cfg=settings["cfg"],
+              positive=pos, negative=neg, sampler=(exact, 0), sigmas=(sigmas, 0), latent_image=(size, 0))
+    save((k, 0), "lr_guided")
     return ("Toy world at 4x: one disk asked for, 1024x1024 px (the toy model is trained at 256x256).\n\n"
             "Needs: nothing to download - the pack's own 1.4M-parameter model (nodes/toy_world.safetensors). Runs on a CPU.\n"
-            "Three branches from the same seed: direct sampling (repeats the object), Re-dilate Model + Noise-Damped CFG "
-            "(auto dilation from the latent size), and CutDiffusion (Patch Split + Pixel Interaction at the native size). "
+            "Four branches from the same seed: direct sampling (repeats the object); Re-dilate Model (auto dilation from "
+            "the latent size, active through every step); CutDiffusion (Patch Split + Pixel Interaction at the native size); "
+            "LR-guided (a 256x256 picture guides the 4x pass: LR Condition Injector with the dilated global path, "
+            "alpha1 = alpha2 = 0.25, through the LR-Guided Sampler). "
             "dpmpp_2m_sde, karras, 20 steps, CFG 2 (the toy world's measured settings). Change 'shape' to square or triangle.\n"
-            "Outputs: output/UltraRes/toy_direct_*, toy_redilate_*, toy_cutdiffusion_*.\n"
+            "Outputs: output/UltraRes/toy_direct_*, toy_redilate_*, toy_cutdiffusion_*, toy_lr_guided_*.\n"
             "VRAM/RAM: under 1 GB. Time: about a minute on a laptop CPU (estimated), seconds on a GPU.")
 
 

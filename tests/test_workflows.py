@@ -198,7 +198,7 @@ def test_client_command_line_downloads_the_outputs(server, tmp_path):
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     files = sorted(p for p in tmp_path.rglob("*.png"))
-    assert [p.name.rsplit("_", 2)[0] for p in files] == ["toy_cutdiffusion", "toy_direct", "toy_redilate"]
+    assert [p.name.rsplit("_", 2)[0] for p in files] == ["toy_cutdiffusion", "toy_direct", "toy_lr_guided", "toy_redilate"]
     assert sorted(res.stdout.split()) == [str(p) for p in files]  # the command prints what it wrote
     assert "Sampler (direct)" in res.stderr and "done" in res.stderr  # progress by node title
     with Image.open(files[0]) as img:
