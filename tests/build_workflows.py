@@ -271,17 +271,19 @@ def toy_world_4x_compare(g):
         image = g.add("VAEDecode", samples=latent, vae=(toy, 3))
         g.add("SaveImage", filename_prefix=f"UltraRes/toy_{prefix}", images=(image, 0))
 
-    def branch(model, title, prefix, latent=size):
+    def branch(model, title, prefix, latent=size, **changes):
         k = g.add("KSampler", title, model=(model, 0), positive=pos, negative=neg, latent_image=(latent, 0), seed=0, denoise=1.0,
-                  **settings)
+                  **(settings | changes))
         save((k, 0), prefix)
         return k
 
     branch(toy, "Sampler (direct)", "direct")
     # re-dilated through every step (custom schedule): the setting that passed at 4x on this model (README)
     branch(g.add("UltraResRedilateModel", model=(toy, 0), schedule="custom", end_percent=1.0), "Sampler (re-dilated)", "redilate")
-    split = g.add("UltraResPatchSplit", model=(toy, 0))
-    branch(g.add("UltraResPixelInteraction", model=(split, 0)), "Sampler (CutDiffusion)", "cutdiffusion")
+    # CutDiffusion at the guidance that passed at 4x on this model: CFG 6 (the reference samples at 7.5),
+    # stage 2 from 0.75 of the steps (README)
+    split = g.add("UltraResPatchSplit", model=(toy, 0), switch_at=0.75)
+    branch(g.add("UltraResPixelInteraction", model=(split, 0)), "Sampler (CutDiffusion)", "cutdiffusion", cfg=6.0)
     # LR-guided: the native-size picture guides one 4x pass (slow-decay guidance, exact LR-Guided Sampler)
     native = g.add("EmptyLatentImage", "Size (1x guide)", width=256, height=256, batch_size=1)
     guide = g.add("KSampler", "Sampler (1x guide)", model=(toy, 0), positive=pos, negative=neg, latent_image=(native, 0), seed=0,
@@ -297,7 +299,8 @@ def toy_world_4x_compare(g):
     return ("Toy world at 4x: one disk asked for, 1024x1024 px (the toy model is trained at 256x256).\n\n"
             "Needs: nothing to download - the pack's own 1.4M-parameter model (nodes/toy_world.safetensors). Runs on a CPU.\n"
             "Four branches from the same seed: direct sampling (repeats the object); Re-dilate Model (auto dilation from "
-            "the latent size, active through every step); CutDiffusion (Patch Split + Pixel Interaction at the native size); "
+            "the latent size, active through every step); CutDiffusion (Patch Split + Pixel Interaction at the native size, "
+            "stage 2 from 0.75 of the steps, CFG 6: at CFG 2 its stage 1 greys the picture); "
             "LR-guided (a 256x256 picture guides the 4x pass: LR Condition Injector with the dilated global path, "
             "alpha1 = alpha2 = 0.25, through the LR-Guided Sampler). "
             "dpmpp_2m_sde, karras, 20 steps, CFG 2 (the toy world's measured settings). Change 'shape' to square or triangle.\n"
