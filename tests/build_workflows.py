@@ -271,11 +271,12 @@ def toy_world_4x_compare(g):
         image = g.add("VAEDecode", samples=latent, vae=(toy, 3))
         g.add("SaveImage", filename_prefix=f"UltraRes/toy_{prefix}", images=(image, 0))
 
-    def branch(model, title, prefix, latent=size, **changes):
-        k = g.add("KSampler", title, model=(model, 0), positive=pos, negative=neg, latent_image=(latent, 0), seed=0, denoise=1.0,
-                  **(settings | changes))
-        save((k, 0), prefix)
-        return k
+    def ksampler(model, title, latent=size, **changes):
+        return g.add("KSampler", title, model=(model, 0), positive=pos, negative=neg, latent_image=(latent, 0), seed=0,
+                     denoise=1.0, **(settings | changes))
+
+    def branch(model, title, prefix, **changes):
+        save((ksampler(model, title, **changes), 0), prefix)
 
     branch(toy, "Sampler (direct)", "direct")
     # re-dilated through every step (custom schedule): the setting that passed at 4x on this model (README)
@@ -286,8 +287,7 @@ def toy_world_4x_compare(g):
     branch(g.add("UltraResPixelInteraction", model=(split, 0)), "Sampler (CutDiffusion)", "cutdiffusion", cfg=6.0)
     # LR-guided: the native-size picture guides one 4x pass (slow-decay guidance, exact LR-Guided Sampler)
     native = g.add("EmptyLatentImage", "Size (1x guide)", width=256, height=256, batch_size=1)
-    guide = g.add("KSampler", "Sampler (1x guide)", model=(toy, 0), positive=pos, negative=neg, latent_image=(native, 0), seed=0,
-                  denoise=1.0, **settings)
+    guide = ksampler(toy, "Sampler (1x guide)", native)
     guided = g.add("UltraResLRConditionInjector", model=(toy, 0), low_res_latent=(guide, 0), alpha1=0.25, global_strength=1.0,
                    alpha2=0.25)
     select = g.add("KSamplerSelect", sampler_name=settings["sampler_name"])

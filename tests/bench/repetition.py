@@ -73,6 +73,9 @@ def lr_inject(model, low_res, seed, global_strength=0.0, alpha1=3.0, alpha2=1.0)
                 global_stride=0, upscale_method="bicubic", start_percent=0.0, end_percent=1.0)[0]
 
 
+# "-hold": slow decays, so the LR guidance holds through most of the steps (for big jumps such as 4x)
+HOLD = dict(alpha1=0.25, alpha2=0.25)
+
 # name -> (patch of the loaded model (model, native pictures, seed), denoise, starts from the upscaled native picture)
 METHODS = {
     "direct": (lambda m, lr, s: m, 1.0, False),
@@ -90,15 +93,14 @@ METHODS = {
     "cutdiffusion-stage1-only": (lambda m, lr, s: cutdiffusion(m, 1.0), 1.0, False),
     "lr_inject": (lambda m, lr, s: lr_inject(m, lr, s), 1.0, False),
     "lr_inject+global": (lambda m, lr, s: lr_inject(m, lr, s, global_strength=1.0), 1.0, False),
-    # slow decay (alpha 0.25): the guidance holds through most of the steps, for big jumps such as 4x
-    "lr_inject+global-hold": (lambda m, lr, s: lr_inject(m, lr, s, 1.0, alpha1=0.25, alpha2=0.25), 1.0, False),
+    "lr_inject+global-hold": (lambda m, lr, s: lr_inject(m, lr, s, 1.0, **HOLD), 1.0, False),
     # LR-guided CutDiffusion: the injector on top of Patch Split + Pixel Interaction
-    "lr_inject+global-hold+cutdiffusion": (lambda m, lr, s: lr_inject(cutdiffusion(m), lr, s, 1.0, alpha1=0.25, alpha2=0.25),
-                                           1.0, False),
+    "lr_inject+global-hold+cutdiffusion": (lambda m, lr, s: lr_inject(cutdiffusion(m), lr, s, 1.0, **HOLD), 1.0, False),
     "img2img@1.0": (lambda m, lr, s: m, 1.0, True),
     "img2img@0.6": (lambda m, lr, s: m, 0.6, True),
 }
-LR_GUIDED = {"lr_inject", "lr_inject+global", "lr_inject+global-hold", "lr_inject+global-hold+cutdiffusion"}  # sampled through the LR-Guided Sampler
+# sampled through the LR-Guided Sampler
+LR_GUIDED = {"lr_inject", "lr_inject+global", "lr_inject+global-hold", "lr_inject+global-hold+cutdiffusion"}
 GUIDED = LR_GUIDED | {"img2img@1.0", "img2img@0.6"}  # start from or follow the native picture: lr_mse
 
 
