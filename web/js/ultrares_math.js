@@ -81,7 +81,7 @@ export function unetLevels(native) {
   return native === 64 || native === 96 ? 4 : 3;
 }
 
-// ---- LR Condition Injector (patches/lr_guidance.py stride_for) ----
+// ---- LR Condition Injector (patches/lr_guidance.py global_stride) ----
 
 export function lrGlobalStride(high, low, globalStride = 0) {
   if (globalStride > 0) return globalStride;
