@@ -188,6 +188,7 @@ def test_pure_functions_match_the_python(browser):
           splits: c.splits.map(([h, w, p, o]) => M.patchSplitPlan(h, w, p, o)),
           levels: c.ratios.map(([l, r]) => M.autoLevels(l, r)),
           milder: c.ratios.map(([l, r]) => M.milderLevels(M.autoLevels(l, r))),
+          unchanged: c.ratios.map(([l, r]) => M.redilatePlan(16 * r, 16, l).passthrough),
           decays: c.decays.map(([d, done]) => M.progressiveDilation(d, done)),
           scales: c.tokens.map(t => M.proportionalAttentionScale(t)),
           strides: c.strides.map(([h, l, g]) => M.lrGlobalStride(h, l, g)),
@@ -211,6 +212,7 @@ def test_pure_functions_match_the_python(browser):
             assert len({table.get(f"{k}{level}") for k in ("in", "down", "out", "up")}) == 1
         assert got == per_level(table, levels), (levels, ratio)
         assert milder == per_level(sc.milder_table(table, levels), levels), (levels, ratio)
+    assert js["unchanged"] == [not sc.auto_table(levels, ratio) for levels, ratio in ratios]
     assert js["decays"] == [sc.progressive_dilation(d, done) for d, done in decays]
     assert js["scales"] == pytest.approx([urae.proportional_attention_scale(t) for t in tokens], rel=1e-12)
     for (high, low, stride), got in zip(strides, js["strides"]):
