@@ -54,3 +54,18 @@ def native_latent_size(model) -> int | None:
         if cls.__name__ in NATIVE_LATENT_SIZE:
             return NATIVE_LATENT_SIZE[cls.__name__]
     return None
+
+
+# Model family per config class (first match along the class hierarchy): the families whose
+# reference settings the pack ships (ScaleCrafter's presets are written per family).
+FAMILIES = {"SD15": "SD1.x", "SD20": "SD2.x", "SDXL": "SDXL"}
+
+
+def model_family(model) -> str:
+    """'SD1.x', 'SD2.x' or 'SDXL' from the model config's class (SSD-1B, Vega and the other SDXL
+    derivatives subclass SDXL; SD2.x unCLIP subclasses SD20); else the config's class name."""
+    config = model.model.model_config
+    for cls in type(config).__mro__:
+        if cls.__name__ in FAMILIES:
+            return FAMILIES[cls.__name__]
+    return type(config).__name__

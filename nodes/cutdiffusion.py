@@ -72,7 +72,7 @@ class UltraResPatchSplit(io.ComfyNode):
                 io.Combo.Input("sdxl_size_conditioning", options=list(cd.SDXL_SIZE_MODES), default=cd.SDXL_SIZE_MODES[0],
                                tooltip="SDXL only (ignored for other models). 'image size + window crop' (the "
                                        "reference): original and target size = the full image, crop = the window's "
-                                       "position. 'window size': every patch/window is conditioned as a whole "
+                                       "start on the jitter canvas (in image px, padding included, as the reference). 'window size': every patch/window is conditioned as a whole "
                                        "image of its own size. 'unchanged': keep the conditioning as encoded."),
                 io.Combo.Input("jitter_padding", options=list(cd.JITTER_PADDINGS), default="reflect", optional=True,
                                tooltip="Stage 2: how the canvas the jittered windows move into is padded. 'reflect' "

@@ -9,13 +9,21 @@ import comfy.patcher_extension
 import comfy.samplers
 from comfy_api.v0_0_2 import io
 
-from ..patches.lr_guidance import KEY, UPSCALE_METHODS, GuidanceSchedule, LRGuidance
+from ..patches.lr_guidance import ASPECT_MODES, KEY, UPSCALE_METHODS, GuidanceSchedule, LRGuidance
 from ..patches.schedule import SigmaWindow
 from ..samplers.lr_guided import lr_guided_sampler
-from .common import category, input_error, percent_inputs
+from .common import category, input_error, native_latent_size, percent_inputs
 
 INJECTOR = "LR Condition Injector"
 SAMPLER = "LR-Guided Sampler"
+
+
+def min_guide_side(native: int | None) -> int:
+    """The smallest guide side in latent px: a quarter of the native side (16 = 128 px for SD1.5,
+    32 = 256 px for SDXL, 8 for the toy world), 8 when the family is unknown. The guide is meant to
+    be the model's own composition at or near its native size; a quarter of it is already a 1/16
+    thumbnail, below which the upsampled guide carries little more than colour (1x1: one colour)."""
+    return max(2, native // 4) if native else 8
 
 
 class LRConditionInjector(io.ComfyNode):
@@ -62,13 +70,17 @@ class LRConditionInjector(io.ComfyNode):
                 io.Combo.Input("upscale_method", options=list(UPSCALE_METHODS), default="bicubic", tooltip=(
                     "How the low-res latent is enlarged in latent space (DemoFusion: bicubic).")),
                 *percent_inputs(io, 0.0, 1.0, "the guidance"),
+                io.Combo.Input("aspect_mismatch", options=list(ASPECT_MODES), default="refuse", optional=True, tooltip=(
+                    "A low-res latent of another aspect ratio than the sampled one: 'refuse' stops with an error naming "
+                    "both sizes; 'center crop' guides with its largest centred part of the target's aspect ratio; "
+                    "'stretch' upsamples it to the target as it is (the picture is distorted).")),
             ],
             outputs=[io.Model.Output(tooltip="The model with the low-res guidance attached.")],
         )
 
     @classmethod
     def execute(cls, model, low_res_latent, seed, skip_strength, alpha1, global_strength, alpha2, blur_sigma, alpha3,
-                global_stride, upscale_method, start_percent, end_percent) -> io.NodeOutput:
+                global_stride, upscale_method, start_percent, end_percent, aspect_mismatch="refuse") -> io.NodeOutput:
         error = functools.partial(input_error, INJECTOR)
         samples = low_res_latent.get("samples") if isinstance(low_res_latent, dict) else None
         if samples is None or samples.ndim != 4:
@@ -79,12 +91,20 @@ class LRConditionInjector(io.ComfyNode):
         if samples.shape[1] != channels:
             raise error("low_res_latent", f"it has {samples.shape[1]} channels but this model's latents have {channels}",
                         "pass a latent made by the same model family (same VAE) as this model")
+        native = native_latent_size(model)
+        smallest = min_guide_side(native)
+        if min(samples.shape[-2:]) < smallest:
+            why = f"a quarter of the model's native {native} latent px" if native else "the minimum where the native size is unknown"
+            raise error("low_res_latent", f"it is {samples.shape[-1]}x{samples.shape[-2]} latent px, below {smallest} on a side "
+                        f"({why}), too small to hold a composition: upsampled it "
+                        "guides toward flat colour",
+                        f"sample the guide near the model's native size, at least {8 * smallest} px ({smallest} latent px) a side")
         if start_percent > end_percent:
             raise error("end_percent", f"end ({end_percent}) is before start ({start_percent})", "set end_percent >= start_percent")
 
         schedule = GuidanceSchedule(skip_strength, alpha1, global_strength, alpha2, blur_sigma, alpha3)
         window = SigmaWindow.from_percents(model.get_model_object("model_sampling"), start_percent, end_percent)
-        guidance = LRGuidance(samples.detach().clone(), schedule, seed, window, upscale_method, global_stride, error)
+        guidance = LRGuidance(samples.detach().clone(), schedule, seed, window, upscale_method, global_stride, error, aspect_mismatch)
 
         m = model.clone()
         if m.get_wrappers(comfy.patcher_extension.WrappersMP.PREDICT_NOISE, KEY):

@@ -13,8 +13,8 @@ import torch
 from comfy_api.v0_0_2 import io
 
 from ..patches import scalecrafter as sc
-from ..patches.schedule import SigmaWindow
-from .common import category, input_error, percent_inputs
+from ..patches import schedule as windows
+from .common import category, input_error, model_family, percent_inputs
 from .common import native_latent_size as common_native_size
 
 WRAPPER_KEY = "ultrares.scalecrafter"
@@ -63,6 +63,19 @@ def percent(name: str, default: float, tooltip: str):
     return io.Float.Input(name, default=default, min=0.0, max=1.0, step=0.001, tooltip=tooltip)
 
 
+def window_unit_input():
+    return io.Combo.Input("window_unit", options=list(windows.WINDOW_UNITS), default=windows.WINDOW_UNITS[0], optional=True,
+                          tooltip="How start/end percent are read. 'steps (reference)': as a share of the sampler's steps, "
+                                  "as the reference counts them (end 0.74 of 50 steps = the first 37 steps on any scheduler). "
+                                  "'timestep percent': ComfyUI's sigma convention, which covers a different number of steps "
+                                  "on karras, exponential, beta or sgm_uniform schedules.")
+
+
+def check_order(node: str, start: float, end: float, start_name: str, end_name: str) -> None:
+    if start > end:
+        raise input_error(node, start_name, f"{start} is after {end_name} {end}", f"set {start_name} <= {end_name}")
+
+
 class RedilateModel(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -80,10 +93,12 @@ class RedilateModel(io.ComfyNode):
                                tooltip="Per-layer dilation table. 'auto' derives it at sampling time from the latent size over the "
                                        "model's native size (deepest level = ratio, each shallower level one less, at least 2). "
                                        "The others are the reference's tables for that model and output size."),
-                io.Combo.Input("sdxl_layers", options=["intended", "official"], default="intended",
-                               tooltip="SDXL presets only. The reference configs name down_blocks.3, which SDXL lacks, so its deepest "
-                                       "input level stays undilated. 'intended' dilates it like the middle block; 'official' "
-                                       "reproduces the reference exactly."),
+                io.Combo.Input("sdxl_layers", options=["official", "intended"], default="official",
+                               tooltip="SDXL presets only. 'official': the reference's tables as they run. Its configs name "
+                                       "down_blocks.3, which SDXL lacks, so the deepest input level (input blocks 7-8) runs "
+                                       "undilated at 2048 and 2560, at 3 (not 4) at 4096x2048 and at 4 at 4096x4096, and the "
+                                       "damped tables leave it plain. 'intended': that level dilated like the middle block at "
+                                       "every size, and in the damped tables too."),
                 io.Combo.Input("schedule", options=["reference", "custom"], default="reference",
                                tooltip="'reference': the preset's active range (dilate_tau of 50 steps) and progressive flag; auto "
                                        "uses 0-70% and progressive from a factor of 3. 'custom': the three inputs below."),
@@ -102,22 +117,23 @@ class RedilateModel(io.ComfyNode):
                 percent("dispersion_end_percent", 0.0,
                         "Where dispersed convolutions stop. 0 = off (as every released reference config). Dispersion replaces "
                         "the deepest re-dilated 3x3 kernels by 5x5 kernels with half the dilation while both ranges are active."),
+                window_unit_input(),
             ],
             outputs=[io.Model.Output(tooltip="The model with re-dilated convolutions.")],
         )
 
     @classmethod
     def execute(cls, model, preset, sdxl_layers, schedule, start_percent, end_percent, progressive,
-                native_latent_size, dilation, dispersion_start_percent, dispersion_end_percent) -> io.NodeOutput:
+                native_latent_size, dilation, dispersion_start_percent, dispersion_end_percent,
+                window_unit=windows.WINDOW_UNITS[0]) -> io.NodeOutput:
         unet, config = unet_of(model, REDILATE)
         sites = checked_sites(unet, config, REDILATE)
         levels = len(config["channel_mult"])
         if 0 < dilation < 1:
             raise input_error(REDILATE, "dilation", f"{dilation} is below 1 (a convolution cannot be contracted)",
                               "use 0 to measure the resolution ratio, or a factor of at least 1")
-        if start_percent > end_percent:
-            raise input_error(REDILATE, "start_percent", f"{start_percent} is after end_percent {end_percent}",
-                              "set start_percent <= end_percent")
+        check_order(REDILATE, start_percent, end_percent, "start_percent", "end_percent")
+        check_order(REDILATE, dispersion_start_percent, dispersion_end_percent, "dispersion_start_percent", "dispersion_end_percent")
         tables = {}
         if preset == AUTO:
             native = native_latent_size or common_native_size(model)
@@ -125,23 +141,27 @@ class RedilateModel(io.ComfyNode):
                 raise input_error(REDILATE, "native_latent_size", f"the native size of a {type(model.model).__name__} model is unknown",
                                   "enter the latent side the model was trained at (pixels / 8 for SD-family VAEs)")
             tables = dict(native=native, ratio=dilation)
-            reference = (0.7, None)
+            reference = (0.7, None)  # the pack's rule: as the reference's 2048/4096 configs
         else:
             if dilation:
                 raise input_error(REDILATE, "dilation", "a fixed factor applies to the auto preset only",
                                   "set dilation to 0, or choose the auto preset")
             chosen = sc.PRESETS[preset]
+            family = model_family(model)
+            if chosen.family != family:
+                raise input_error(REDILATE, "preset", f"'{preset}' is the reference's table for {chosen.family} models, but this "
+                                  f"model is {family}", f"choose a {family} preset, or auto (from latent size)")
             if chosen.levels != levels:
                 raise input_error(REDILATE, "preset", f"'{preset}' is written for a UNet with {chosen.levels} levels, this one has {levels}",
                                   "choose a preset of the model's family, or auto")
-            main, damped, disperse = chosen.tables(official=sdxl_layers == "official")
-            tables = dict(main=main, damped=damped, disperse=disperse)
+            main, damped, disperse = chosen.tables(intended=sdxl_layers == "intended")
+            tables = dict(main=main, damped=damped, disperse=disperse, preset=preset, ndcfg=chosen.ndcfg)
             reference = (chosen.end_percent, chosen.progressive)
         start, end, prog = (0.0, *reference) if schedule == "reference" else (start_percent, end_percent, progressive)
         sampling = model.get_model_object("model_sampling")
         redilation = sc.Redilation(
-            sites, levels, SigmaWindow.from_percents(sampling, start, end),
-            SigmaWindow.from_percents(sampling, dispersion_start_percent, dispersion_end_percent), prog, **tables)
+            sites, levels, windows.window(window_unit, sampling, start, end, REDILATE),
+            windows.window(window_unit, sampling, dispersion_start_percent, dispersion_end_percent, REDILATE), prog, **tables)
 
         m = model.clone()
         m.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY)  # re-applying replaces
@@ -174,20 +194,34 @@ class NoiseDampedCFG(io.ComfyNode):
                 io.Combo.Input("damped_uncond", options=["milder dilation", "undilated"], default="milder dilation",
                                tooltip="'milder dilation': the reference code's base (the preset's noise-damped table, or the main "
                                        "table without its shallowest level). 'undilated': the plain model, as the paper words it."),
-                *percent_inputs(io, 0.0, 0.7, "noise-damped guidance (the reference: the re-dilation range)"),
+                *percent_inputs(io, 0.0, 0.7, "noise-damped guidance (custom schedule only)"),
+                io.Combo.Input("schedule", options=["reference", "custom"], default="reference", optional=True,
+                               tooltip="'reference': the Re-dilate Model's own range, as every reference config that uses "
+                                       "noise-damped guidance (ndcfg_tau = dilate_tau: 0.7 for SD1.5 2048 and SDXL 4096, 0.74 "
+                                       "for SD2.1 2048x2048); refused for presets whose reference never uses it (SD2.1 2048x1024, "
+                                       "every 1024/1280/2048/2560 preset). 'custom': start/end percent above."),
+                window_unit_input(),
             ],
             outputs=[io.Model.Output(tooltip="The model with noise-damped CFG.")],
         )
 
     @classmethod
-    def execute(cls, model, damped_uncond, start_percent, end_percent) -> io.NodeOutput:
-        if not model.get_wrappers(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY):
+    def execute(cls, model, damped_uncond, start_percent, end_percent, schedule="reference",
+                window_unit=windows.WINDOW_UNITS[0]) -> io.NodeOutput:
+        redilations = model.get_wrappers(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY)
+        if not redilations:
             raise input_error(NDCFG, "model", "the model is not re-dilated, so there is no damped table to guide from",
                               f"connect the output of {REDILATE}")
-        if start_percent > end_percent:
-            raise input_error(NDCFG, "start_percent", f"{start_percent} is after end_percent {end_percent}",
-                              "set start_percent <= end_percent")
-        window = SigmaWindow.from_percents(model.get_model_object("model_sampling"), start_percent, end_percent)
+        redilation = redilations[-1]
+        if schedule == "reference":
+            if not redilation.ndcfg:
+                raise input_error(NDCFG, "schedule", f"the reference never uses noise-damped guidance with preset "
+                                  f"'{redilation.preset}' (its ndcfg_tau is 0)",
+                                  "remove this node, or set schedule to 'custom' to apply the preset's damped table anyway")
+            window = redilation.window
+        else:
+            check_order(NDCFG, start_percent, end_percent, "start_percent", "end_percent")
+            window = windows.window(window_unit, model.get_model_object("model_sampling"), start_percent, end_percent, NDCFG)
         m = model.clone()
         others = [f for f in m.model_options.get("sampler_pre_cfg_function", []) if not isinstance(f, sc.NoiseDampedCFG)]
         m.model_options["sampler_pre_cfg_function"] = others + [

@@ -149,6 +149,15 @@ class URAE4KAdapterLoader(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, adapter_name) -> bool | str:
+        """At /prompt time, like the stock loaders' file lists (the host checks no V3 combo's value)."""
+        files = folder_paths.get_filename_list("loras")
+        if adapter_name in files:
+            return True
+        return (f"URAE 4K Adapter Loader: input 'adapter_name': {adapter_name!r} is not in models/loras "
+                f"({len(files)} files there). Fix: put urae_4k_adapter.safetensors into models/loras and pick it from the list")
+
+    @classmethod
     def execute(cls, model, adapter_name, strength, require_2k_adapter) -> io.NodeOutput:
         node = "URAE 4K Adapter Loader"
         flux_model(model, node)

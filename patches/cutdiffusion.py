@@ -12,6 +12,7 @@ embedder) is passed in.
 """
 
 import hashlib
+import logging
 import math
 import struct
 from dataclasses import dataclass, field
@@ -19,6 +20,8 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
+
+from .schedule import is_first_step
 
 KEY = "ultrares.patch_split"  # wrapper key on the model
 INTERACTION_KEY = "ultrares.pixel_interaction"  # transformer_options entry set by Pixel Interaction
@@ -203,6 +206,9 @@ class PatchSplit:
     def __call__(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
         height, width = x.shape[-2:]
         if height <= self.patch and width <= self.patch:
+            if is_first_step(transformer_options, float(t.max())):
+                logging.info("%s: the %dx%d latent fits one %d latent px patch, so the model runs unchanged (use a smaller "
+                             "patch_size or a larger latent to split it).", self.name, width, height, self.patch)
             return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
         if control is not None:
             raise UnsupportedInput(f"{self.name}: a ControlNet is applied, and its features are computed for the whole "
@@ -257,8 +263,8 @@ class PatchSplit:
 
         padded = canvas(x)
         spatial = {k: canvas(v) for k, v in call.spatial.items()}
-        origins = [(max(0, y - jh), max(0, x - jw)) for y, x in layout.corners]
-        size_cond = self._size_cond(call, origins, (wh, ww))
+        # SDXL crop = the window's start on the padded canvas, as the reference sends it (+8 * pad px)
+        size_cond = self._size_cond(call, layout.corners, (wh, ww))
         weight = blend_weight(wh, ww, self.blend).to(padded)
         uniform = self.blend == "uniform"
         value, count = None, torch.zeros(padded.shape[-2:], dtype=padded.dtype, device=padded.device)

@@ -33,6 +33,25 @@ STATE_BLENDED = "ultrares.lr_inject.state_blended"
 # a zero weight lets the guided sampler hand the rest of the schedule to the wrapped sampler at once.
 MIN_WEIGHT = 1e-3
 UPSCALE_METHODS = ("bicubic", "bilinear", "nearest-exact", "area")
+# What a guide of another aspect ratio than the sampled latent does (the first refuses it).
+ASPECT_MODES = ("refuse", "center crop", "stretch")
+
+
+def same_aspect(guide, target) -> bool:
+    """(h, w) pairs of one aspect ratio, up to one guide pixel of rounding: |h W - H w| <= max(H, W)."""
+    (h, w), (height, width) = guide, target
+    return abs(h * width - height * w) <= max(height, width)
+
+
+def center_crop(latent: torch.Tensor, target) -> torch.Tensor:
+    """The largest centred part of `latent` with the aspect ratio of `target` (h, w)."""
+    h, w = latent.shape[-2:]
+    height, width = target
+    if h * width > height * w:  # guide too tall: crop rows
+        rows = max(1, round(w * height / width))
+        return latent[..., (h - rows) // 2:(h - rows) // 2 + rows, :]
+    cols = max(1, round(h * width / height))
+    return latent[..., (w - cols) // 2:(w - cols) // 2 + cols]
 
 
 def cosine_factor(t: float) -> float:
@@ -139,6 +158,13 @@ def dilated_global_denoised(x: torch.Tensor, denoise, stride: int, blur_std: flo
     return (xp - (blurred - denoised_blurred))[..., pad_h:, pad_w:]
 
 
+def global_stride(high, low, explicit: int = 0) -> int:
+    """The global path's stride: explicit, or the high-res / low-res (h, w) size ratio, rounded."""
+    if explicit > 0:
+        return explicit
+    return max(1, round(max(high[0] / low[0], high[1] / low[1])))
+
+
 def next_sigma(sample_sigmas, sigma: float):
     """The schedule's next sigma when `sigma` is one of its steps (a sampler's first model call of a
     step), else None (an intermediate evaluation of a higher-order sampler)."""
@@ -160,8 +186,9 @@ class LRGuidance:
     in which nodes were applied. `error(input, problem, fix)` builds the node's input error."""
 
     def __init__(self, low_res: torch.Tensor, schedule: GuidanceSchedule, seed: int, window,
-                 upscale_method: str = "bicubic", global_stride: int = 0, error=ValueError):
+                 upscale_method: str = "bicubic", global_stride: int = 0, error=ValueError, aspect: str = "refuse"):
         self.low_res = low_res
+        self.aspect = aspect  # an ASPECT_MODES option
         self.schedule = schedule
         self.seed = seed
         self.window = window
@@ -184,6 +211,19 @@ class LRGuidance:
             raise self.error("low_res_latent", f"it is {lr.shape[-1]}x{lr.shape[-2]} (latent width x height), larger than "
                              f"the {shape[-1]}x{shape[-2]} latent being sampled",
                              "connect the low-resolution result and sample a latent at least as large (e.g. 2x)")
+        if self.aspect == "refuse" and not same_aspect(lr.shape[-2:], shape[-2:]):
+            divisor = math.gcd(shape[-1], shape[-2])
+            raise self.error("low_res_latent", f"it is {lr.shape[-1]}x{lr.shape[-2]} (latent width x height), another aspect "
+                             f"ratio than the {shape[-1]}x{shape[-2]} latent being sampled, so it would be stretched",
+                             f"sample the guide at the target's aspect ratio ({shape[-1] // divisor}:{shape[-2] // divisor}), "
+                             "or set aspect_mismatch to 'center crop' or 'stretch'")
+
+    def guide(self, shape) -> torch.Tensor:
+        """The low-res latent as it guides a latent of `shape`: centre-cropped to its aspect ratio
+        when aspect_mismatch asks for it, else as given (stretched by the upsampling)."""
+        if self.aspect == "center crop" and not same_aspect(self.low_res.shape[-2:], shape[-2:]):
+            return center_crop(self.low_res, shape[-2:])
+        return self.low_res
 
     def targets(self, x: torch.Tensor, process_latent_in):
         """(x0_up, noise) for this latent shape: the low-res latent upsampled to x's size in the
@@ -191,7 +231,7 @@ class LRGuidance:
         key = (tuple(x.shape), x.device, x.dtype)
         if self._targets is None or self._targets[0] != key:
             self.check_target(x.shape)
-            up = upsample_latent(self.low_res.to(x.device, torch.float32), x.shape[-2:], self.upscale_method)
+            up = upsample_latent(self.guide(x.shape).to(x.device, torch.float32), x.shape[-2:], self.upscale_method)
             up = process_latent_in(up).expand(x.shape[0], -1, -1, -1)
             noise = fixed_noise(x.shape, self.seed).to(x.device)
             self._targets = (key, up.to(x.dtype), noise.to(x.dtype))
@@ -202,10 +242,7 @@ class LRGuidance:
         self._targets = None
 
     def stride_for(self, shape) -> int:
-        """The global path's stride: explicit, or the high-res / low-res size ratio, rounded."""
-        if self.global_stride > 0:
-            return self.global_stride
-        return max(1, round(max(shape[-2] / self.low_res.shape[-2], shape[-1] / self.low_res.shape[-1])))
+        return global_stride(shape[-2:], self.guide(shape).shape[-2:], self.global_stride)
 
     # -- the two mechanisms ---------------------------------------------------------------------
     def timestep(self, model_sampling, sigma: torch.Tensor) -> float:

@@ -16,12 +16,15 @@ maps slots to factors: "in<l>"/"out<l>" are the ResBlock convs of input/output l
 
 import contextvars
 import functools
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
+
+from .schedule import is_first_step
 
 Table = Mapping[str, float]
 
@@ -190,21 +193,25 @@ def top_slots(main: Table) -> frozenset:
 
 @dataclass(frozen=True)
 class Preset:
-    """One reference config: tables for a UNet with `levels` levels (4: SD1.x/2.x, 3: SDXL).
-    `official_*` differ only for SDXL, where the reference names blocks SDXL does not have."""
+    """One reference config: tables for a UNet of `family` with `levels` levels (4: SD1.x/2.x, 3:
+    SDXL). `main`/`damped` are what the reference runs; `intended_*` (SDXL only) read the reference's
+    block names as meant: its configs name down_blocks.3, which SDXL lacks, so the deepest input level
+    (in2) stays undilated at 2048/2560 and at 3 instead of 4 at 4096x2048, and the damped tables skip it."""
 
+    family: str  # model_family() of the models the config was written for
     levels: int
     main: str
     end_percent: float  # dilate_tau / 50
     progressive: bool
+    ndcfg: bool = False  # the reference runs noise-damped guidance (ndcfg_tau = dilate_tau > 0)
     damped: str | None = None  # ndcfg_dilate_settings (None: milder_table rule)
     disperse: str | None = None  # disperse_settings (None: top_slots rule)
-    official_main: str | None = None
-    official_damped: str | None = None
+    intended_main: str | None = None
+    intended_damped: str | None = None
 
-    def tables(self, official: bool) -> tuple[dict, dict, frozenset]:
-        main = table(self.official_main if official and self.official_main else self.main)
-        damped_spec = self.official_damped if official and self.official_damped else self.damped
+    def tables(self, intended: bool = False) -> tuple[dict, dict, frozenset]:
+        main = table(self.intended_main if intended and self.intended_main else self.main)
+        damped_spec = self.intended_damped if intended and self.intended_damped else self.damped
         damped = table(damped_spec) if damped_spec else milder_table(main, self.levels)
         disperse = frozenset(table(self.disperse + ":1")) if self.disperse else top_slots(main)
         return main, damped, disperse
@@ -215,20 +222,24 @@ _SD_2048 = "in1 down1 out1 up1:2; in2 down2 out2 up2:3; in3 mid out3 up3:4"
 _SD21_2048_DAMPED = "in2 out1 up1:3; down2 in3 mid out3 up3 out2 up2:4"
 _SD_DISPERSE = "down2 in3 mid out3 up3 out2 up2"
 _XL_4096 = "in2 mid out2 up2:4; out1 up1:3; out0:2"
+_XL_DAMPED, _XL_DAMPED_INTENDED = "mid out2 up2:2", "in2 mid out2 up2:2"
 
+SD1, SD2, SDXL = "SD1.x", "SD2.x", "SDXL"
 PRESETS: dict[str, Preset] = {
-    "SD1.5 1024x1024": Preset(4, f"{_SD_ALL}:2", 0.60, False),
-    "SD1.5 1280x1280": Preset(4, f"{_SD_ALL}:2.5", 0.70, False),
-    "SD1.5 2048x2048 / 2048x1024": Preset(4, _SD_2048, 0.70, True, damped="in2 down2 out2 up2:3; in3 mid out3 up3:4", disperse=_SD_DISPERSE),
-    "SD2.1 1024x1024": Preset(4, f"{_SD_ALL}:2", 0.40, False),
-    "SD2.1 1280x1280": Preset(4, f"{_SD_ALL}:2.5", 0.60, False),
-    "SD2.1 2048x1024": Preset(4, _SD_2048, 0.74, True, damped=_SD21_2048_DAMPED),
-    "SD2.1 2048x2048": Preset(4, f"{_SD21_2048_DAMPED}; out0:2", 0.74, True, damped=_SD21_2048_DAMPED, disperse=_SD_DISPERSE),
-    "SDXL 2048x2048": Preset(3, "in2 mid out2 up2:2", 0.60, False, official_main="mid out2 up2:2"),
-    "SDXL 2560x2560": Preset(3, "in2 mid out2 up2:2.5", 0.60, False, official_main="mid out2 up2:2.5"),
-    "SDXL 4096x2048": Preset(3, _XL_4096, 0.70, True, damped="in2 mid out2 up2:2",
-                             official_main="mid out2 up2:4; in2 out1 up1:3; out0:2", official_damped="mid out2 up2:2"),
-    "SDXL 4096x4096": Preset(3, _XL_4096, 0.70, True, damped="in2 mid out2 up2:2", official_damped="mid out2 up2:2"),
+    "SD1.5 1024x1024": Preset(SD1, 4, f"{_SD_ALL}:2", 0.60, False),
+    "SD1.5 1280x1280": Preset(SD1, 4, f"{_SD_ALL}:2.5", 0.70, False),
+    "SD1.5 2048x2048 / 2048x1024": Preset(SD1, 4, _SD_2048, 0.70, True, ndcfg=True,
+                                          damped="in2 down2 out2 up2:3; in3 mid out3 up3:4", disperse=_SD_DISPERSE),
+    "SD2.1 1024x1024": Preset(SD2, 4, f"{_SD_ALL}:2", 0.40, False),
+    "SD2.1 1280x1280": Preset(SD2, 4, f"{_SD_ALL}:2.5", 0.60, False),
+    "SD2.1 2048x1024": Preset(SD2, 4, _SD_2048, 0.74, True, damped=_SD21_2048_DAMPED),  # ndcfg_tau 0 in the reference
+    "SD2.1 2048x2048": Preset(SD2, 4, f"{_SD21_2048_DAMPED}; out0:2", 0.74, True, ndcfg=True, damped=_SD21_2048_DAMPED,
+                              disperse=_SD_DISPERSE),
+    "SDXL 2048x2048": Preset(SDXL, 3, "mid out2 up2:2", 0.60, False, intended_main="in2 mid out2 up2:2"),
+    "SDXL 2560x2560": Preset(SDXL, 3, "mid out2 up2:2.5", 0.60, False, intended_main="in2 mid out2 up2:2.5"),
+    "SDXL 4096x2048": Preset(SDXL, 3, "mid out2 up2:4; in2 out1 up1:3; out0:2", 0.70, True, ndcfg=True, damped=_XL_DAMPED,
+                             intended_main=_XL_4096, intended_damped=_XL_DAMPED_INTENDED),
+    "SDXL 4096x4096": Preset(SDXL, 3, _XL_4096, 0.70, True, ndcfg=True, damped=_XL_DAMPED, intended_damped=_XL_DAMPED_INTENDED),
 }
 
 
@@ -256,20 +267,8 @@ DAMPED_PASS = "ultrares.scalecrafter.damped_pass"
 
 @dataclass(frozen=True)
 class DampedPass:
-    window: object  # patches.schedule.SigmaWindow of the noise-damped range
+    window: object  # patches.schedule window (StepWindow / SigmaWindow) of the noise-damped range
     undilated: bool  # the paper's base: the plain model instead of the milder table
-
-
-def window_progress(window, sigma: float, sample_sigmas) -> float:
-    """i / tau: the fraction of the window's sampling steps already done before this call. Counted
-    on the sampler's schedule when it is known (exact for the reference's step-based decay), else
-    the sigma-space progress through the window."""
-    if sample_sigmas is None:
-        return window.progress(sigma)
-    steps = [float(s) for s in sample_sigmas[:-1] if window.contains(float(s))]
-    if not steps:
-        return window.progress(sigma)
-    return sum(s > sigma * (1 + 1e-5) for s in steps) / len(steps)
 
 
 @dataclass
@@ -279,7 +278,7 @@ class Redilation:
 
     sites: tuple[ConvSite, ...]
     levels: int
-    window: object  # SigmaWindow of the dilation range
+    window: object  # patches.schedule window (StepWindow / SigmaWindow) of the dilation range
     disperse_window: object
     progressive: bool | None  # None: progressive when the auto table reaches 3 (as the reference)
     main: Table | None = None  # preset tables (None: auto)
@@ -287,6 +286,8 @@ class Redilation:
     disperse: frozenset = frozenset()
     native: int = 0  # auto mode: the model's native latent side
     ratio: float = 0.0  # auto mode with a fixed deepest-level dilation instead of the measured ratio
+    preset: str = ""  # the preset's name ("" = auto)
+    ndcfg: bool = True  # whether the reference pairs these tables with noise-damped guidance
     _auto: dict = field(default_factory=dict, repr=False)
 
     def tables(self, size) -> tuple[Table, Table, frozenset]:
@@ -302,12 +303,17 @@ class Redilation:
     def plan(self, size, sigma: float, transformer_options: Mapping) -> dict[str, ConvSetting] | None:
         damped_pass = transformer_options.get(DAMPED_PASS)
         main, damped, disperse = self.tables(size)
+        schedule = transformer_options.get("sample_sigmas")
+        if not main and damped_pass is None and is_first_step(transformer_options, sigma):
+            ratio = self.ratio or max(size) / self.native
+            logging.info("Re-dilate Model: a factor of %g (the %dx%d latent over the model's native %d latent px) leaves every "
+                         "convolution as it is, so re-dilation changes nothing here.", ratio, size[-1], size[-2], self.native)
         window, chosen = (self.window, main) if damped_pass is None else (damped_pass.window, damped)
-        if damped_pass is not None and damped_pass.undilated or not window.contains(sigma):
+        if damped_pass is not None and damped_pass.undilated or not window.contains(sigma, schedule):
             return None
         progressive = self.progressive if self.progressive is not None else max(main.values(), default=0) >= 3
-        done = window_progress(window, sigma, transformer_options.get("sample_sigmas")) if progressive else 0.0
-        dispersing = self.disperse_window.contains(sigma)
+        done = window.progress(sigma, schedule) if progressive else 0.0
+        dispersing = self.disperse_window.contains(sigma, schedule)
         plan = {}
         for site in self.sites:
             d = chosen.get(site.slot, 1.0)
@@ -364,7 +370,8 @@ class NoiseDampedCFG:
         out = args["conds_out"]
         uncond = args["conds"][1] if len(args["conds"]) > 1 else None
         sigma = args["sigma"]
-        if uncond is None or out[1] is None or not self.window.contains(float(sigma.reshape(-1)[0])):
+        schedule = args["model_options"].get("transformer_options", {}).get("sample_sigmas")
+        if uncond is None or out[1] is None or not self.window.contains(float(sigma.reshape(-1)[0]), schedule):
             return out
         options = dict(args["model_options"])
         options["transformer_options"] = dict(options.get("transformer_options", {}))

@@ -39,8 +39,9 @@ def _shifted(callback, offset: int):
 
 
 def lr_guided_sampler(inner: comfy.samplers.KSAMPLER, error) -> comfy.samplers.KSAMPLER:
-    """Wrap a KSAMPLER; `error(input, problem, fix)` builds the node's input error."""
-    step_fn = inner.sampler_function
+    """Wrap a KSAMPLER; `error(input, problem, fix)` builds the node's input error. Wrapping a
+    sampler this function made wraps its inner sampler instead: re-applying replaces, never stacks."""
+    step_fn = getattr(inner.sampler_function, "lr_guided_inner", inner.sampler_function)
     takes_noise_sampler = "noise_sampler" in inspect.signature(step_fn).parameters
 
     def sample_lr_guided(model, x, sigmas, extra_args=None, callback=None, disable=None, **options):
@@ -67,4 +68,5 @@ def lr_guided_sampler(inner: comfy.samplers.KSAMPLER, error) -> comfy.samplers.K
             x = step_fn(model, x, sigmas[n_single:], extra_args=args, callback=_shifted(callback, n_single), disable=disable, **options)
         return x
 
+    sample_lr_guided.lr_guided_inner = step_fn
     return comfy.samplers.KSAMPLER(sample_lr_guided, extra_options=dict(inner.extra_options), inpaint_options=inner.inpaint_options)

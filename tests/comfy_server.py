@@ -92,15 +92,29 @@ class ComfyServer:
         status, reply = self.post("/prompt", {"prompt": prompt})
         if status != 200:
             raise RuntimeError(f"/prompt refused ({status}): {json.dumps(reply, indent=1)}")
-        pid = reply["prompt_id"]
+        entry = self._finished(reply["prompt_id"], timeout)
+        if entry["status"].get("status_str") != "success":
+            raise RuntimeError(f"prompt failed: {json.dumps(entry['status'], indent=1)}\n{self.log()}")
+        return entry
+
+    def prompt_error(self, prompt: dict, timeout: float = 300) -> str:
+        """Queue a graph that must fail and return what the host tells its user: the validation
+        errors of a refused prompt (JSON), or 'node type: message' of the node that failed while running."""
+        status, reply = self.post("/prompt", {"prompt": prompt})
+        if status != 200:
+            return json.dumps(reply)
+        entry = self._finished(reply["prompt_id"], timeout)
+        for kind, data in entry["status"].get("messages", []):
+            if kind == "execution_error":
+                return f"{data['node_type']}: {data['exception_message']}"
+        raise AssertionError(f"the prompt did not fail: {json.dumps(entry['status'], indent=1)}")
+
+    def _finished(self, pid: str, timeout: float) -> dict:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             hist = self.get(f"/history/{pid}")
             if pid in hist and hist[pid].get("status", {}).get("completed") is not None:
-                entry = hist[pid]
-                if entry["status"].get("status_str") != "success":
-                    raise RuntimeError(f"prompt failed: {json.dumps(entry['status'], indent=1)}\n{self.log()}")
-                return entry
+                return hist[pid]
             time.sleep(0.2)
         raise TimeoutError(f"prompt {pid} not done after {timeout}s\n{self.log()}")
 

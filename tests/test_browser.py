@@ -17,7 +17,7 @@ import host
 from ultrares.patches import cutdiffusion as cd
 from ultrares.patches import scalecrafter as sc
 from ultrares.patches import urae
-from ultrares.patches.lr_guidance import LRGuidance
+from ultrares.patches.lr_guidance import global_stride
 
 CHROMIUM = "/usr/bin/chromium"
 # Off the network: no background services, updates or QUIC; a fresh profile per run (the context's folder).
@@ -188,6 +188,7 @@ def test_pure_functions_match_the_python(browser):
           splits: c.splits.map(([h, w, p, o]) => M.patchSplitPlan(h, w, p, o)),
           levels: c.ratios.map(([l, r]) => M.autoLevels(l, r)),
           milder: c.ratios.map(([l, r]) => M.milderLevels(M.autoLevels(l, r))),
+          unchanged: c.ratios.map(([l, r]) => M.redilatePlan(16 * r, 16, l).passthrough),
           decays: c.decays.map(([d, done]) => M.progressiveDilation(d, done)),
           scales: c.tokens.map(t => M.proportionalAttentionScale(t)),
           strides: c.strides.map(([h, l, g]) => M.lrGlobalStride(h, l, g)),
@@ -211,11 +212,11 @@ def test_pure_functions_match_the_python(browser):
             assert len({table.get(f"{k}{level}") for k in ("in", "down", "out", "up")}) == 1
         assert got == per_level(table, levels), (levels, ratio)
         assert milder == per_level(sc.milder_table(table, levels), levels), (levels, ratio)
+    assert js["unchanged"] == [not sc.auto_table(levels, ratio) for levels, ratio in ratios]
     assert js["decays"] == [sc.progressive_dilation(d, done) for d, done in decays]
     assert js["scales"] == pytest.approx([urae.proportional_attention_scale(t) for t in tokens], rel=1e-12)
     for (high, low, stride), got in zip(strides, js["strides"]):
-        guidance = types.SimpleNamespace(global_stride=stride, low_res=torch.empty(1, 4, *low))
-        assert got == LRGuidance.stride_for(guidance, (1, 4, *high)), (high, low, stride)
+        assert got == global_stride(high, low, stride), (high, low, stride)
     assert js["rounds"] == [round(x) for x in (0.5, 1.5, 2.5, -0.5, 2.4, 2.6)]
     for multiple, presets in js["presets"].items():
         for (w, h), (tw, th) in zip(presets, js["targets"]):

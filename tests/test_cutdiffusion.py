@@ -257,6 +257,26 @@ def test_sdxl_size_conditioning_per_patch_and_window(sdxl):
         torch.testing.assert_close(row[1792:2304], embed(8 * cy, 8 * cx))
 
 
+def test_sdxl_window_crop_is_the_start_on_the_padded_canvas_as_the_reference(sdxl):
+    """Reference (research note §2.4): crop = (8 h_start, 8 w_start) of the window on the canvas padded by the
+    jitter, 16 latent px on a 2048 layout. The start on the unpadded image, clamped at 0, differs by up to 128 px."""
+    adm = []
+    model = add_probe(patch_split(sdxl, patch_size=128, switch_unit="sigma", switch_at=5.0, seed=7),
+                      lambda executor, x, t, *args, **kwargs: adm.append(kwargs["y"].clone()) or x)
+    x, context, pooled = torch.randn(1, 4, 256, 256), torch.randn(1, 77, 2048), torch.randn(1, 1280)
+    apply(model, x, STAGE2, context, y=sdxl.model.encode_adm(pooled_output=pooled, width=2048, height=2048, device="cpu"))
+    layout = cd.windows(256, 256, 128, 0.5, True, cd.step_generator(7, STAGE2))
+    assert layout.pad == (16, 16) and len(layout.corners) == 9
+    embed = lambda *v: sdxl.model.embedder(torch.tensor(v, dtype=torch.float32)).flatten()
+    rows = torch.cat(adm)  # the windows, in as many model calls as free memory allows
+    assert len(rows) == 9
+    shifts = []
+    for row, (cy, cx) in zip(rows, layout.corners):
+        torch.testing.assert_close(row[1792:2304], embed(8 * cy, 8 * cx))
+        shifts += [8 * c - 8 * max(0, c - 16) for c in (cy, cx)]
+    assert max(shifts) == 128 and min(shifts) >= 0
+
+
 def test_flux_patches_and_windows_run(flux):
     model = cut_diffusion(flux, switch_unit="sigma", switch_at=0.5)
     x, context = torch.randn(1, 16, 32, 32), torch.randn(1, 8, 32)

@@ -102,6 +102,28 @@ def run_node(cls, **inputs):
     return host.run_node(cls, **inputs)
 
 
+# The tiny models run at 8-32 latent px: they declare a native side of 16 (as the toy world declares
+# its 32), so the injector's smallest guide (a quarter of native) is 4 latent px here.
+def _native_16(model):
+    model.model.model_config.native_latent_size = 16
+    return model
+
+
+@pytest.fixture
+def sd15(sd15):
+    return _native_16(sd15)
+
+
+@pytest.fixture
+def sdxl(sdxl):
+    return _native_16(sdxl)
+
+
+@pytest.fixture
+def flux(flux):
+    return _native_16(flux)
+
+
 @pytest.fixture
 def sd15_run(node_classes, sd15):
     lr = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(7))
@@ -306,6 +328,51 @@ def test_low_res_larger_than_target_is_a_clear_error(node_classes, sd15, form):
     run = Run(node_classes, sd15, sd15_conds(), torch.zeros(1, 4, 8, 24), torch.zeros(1, 4, 16, 16))
     with input_error(r"larger than the 16x16 latent being sampled"):
         run.ksampler(run.inject(), steps=1) if form == "model_patch" else run.custom(run.inject(), steps=1)
+
+
+@pytest.mark.parametrize("form", ["model_patch", "sampler"])
+def test_guide_of_another_aspect_ratio_is_refused_naming_both_sizes(node_classes, sd15, form):
+    run = Run(node_classes, sd15, sd15_conds(), torch.zeros(1, 4, 8, 8), torch.zeros(1, 4, 16, 32))
+    with input_error(r"input 'low_res_latent': it is 8x8 \(latent width x height\), another aspect ratio than the 32x16 "
+                     r"latent being sampled.*Fix: sample the guide at the target's aspect ratio \(2:1\), or set aspect_mismatch"):
+        run.ksampler(run.inject(), steps=1) if form == "model_patch" else run.custom(run.inject(), steps=1)
+
+
+def test_aspect_mismatch_center_crop_and_stretch_are_explicit(node_classes, sd15):
+    lr = torch.randn(1, 4, 12, 8, generator=torch.Generator().manual_seed(2))  # 8 wide, 12 high; target 16x16
+    run = Run(node_classes, sd15, sd15_conds(), lr, torch.zeros(1, 4, 16, 16))
+    cropped = run.inject(aspect_mismatch="center crop").get_wrappers(PREDICT, lg.KEY)[0]
+    assert torch.equal(cropped.guide((1, 4, 16, 16)), lr[..., 2:10, :])  # the centred 8x8
+    assert cropped.stride_for((1, 4, 16, 16)) == 2
+    stretched = run.inject(aspect_mismatch="stretch").get_wrappers(PREDICT, lg.KEY)[0]
+    assert stretched.guide((1, 4, 16, 16)) is stretched.low_res
+    for mode in ("center crop", "stretch"):
+        assert torch.isfinite(run.ksampler(run.inject(aspect_mismatch=mode), steps=1)).all()
+    # the same aspect ratio up to one guide pixel of rounding is no mismatch
+    assert lg.same_aspect((8, 8), (16, 17)) and not lg.same_aspect((8, 8), (16, 20))
+
+
+def test_guide_below_a_quarter_of_the_native_side_is_refused(node_classes, sd15):
+    run = Run(node_classes, sd15, sd15_conds(), torch.zeros(1, 4, 1, 1), torch.zeros(1, 4, 16, 16))
+    with input_error(r"input 'low_res_latent': it is 1x1 latent px, below 4 on a side \(a quarter of the model's native 16 "
+                     r"latent px\).*Fix: sample the guide near the model's native size, at least 32 px"):
+        run.inject()
+    run.lr = torch.zeros(1, 4, 4, 4)
+    assert run.inject().get_wrappers(PREDICT, lg.KEY)
+
+
+def test_guided_sampler_wrapped_twice_blends_once(sd15_run):
+    guided = sd15_run.inject(alpha1=1.0)
+    sampler = run_node(sd15_run.nc["KSamplerSelect"], sampler_name="euler")[0]
+    once = run_node(sd15_run.nc["UltraResLRGuidedSampler"], sampler=sampler)[0]
+    twice = run_node(sd15_run.nc["UltraResLRGuidedSampler"], sampler=once)[0]
+    assert twice.sampler_function.lr_guided_inner is sampler.sampler_function
+    pos, neg = sd15_run.conds
+    sigmas = run_node(sd15_run.nc["BasicScheduler"], model=guided, scheduler="simple", steps=STEPS, denoise=1.0)[0]
+    out = [run_node(sd15_run.nc["SamplerCustom"], model=guided, add_noise=True, noise_seed=sd15_run.seed, cfg=sd15_run.cfg,
+                    positive=pos, negative=neg, sampler=s, sigmas=sigmas, latent_image={"samples": sd15_run.hr})[0]["samples"]
+           for s in (once, twice)]
+    assert torch.equal(out[0], out[1])
 
 
 def test_guided_sampler_without_injector_is_a_clear_error(sd15_run):

@@ -10,6 +10,7 @@ import comfy.model_management
 import comfy.ops
 import comfy.patcher_extension
 import comfy.sample
+import comfy.samplers
 import comfy.supported_models
 import comfy.utils
 import pytest
@@ -21,7 +22,7 @@ import tiny_models
 from ultrares.nodes import scalecrafter as ns
 from ultrares.nodes.common import UltraResInputError
 from ultrares.patches import scalecrafter as sc
-from ultrares.patches.schedule import SigmaWindow
+from ultrares.patches.schedule import SigmaWindow, StepWindow, step_index
 
 APPLY_MODEL = comfy.patcher_extension.WrappersMP.APPLY_MODEL
 NATIVE = 16  # tiny models are treated as native at 16x16 latents
@@ -34,7 +35,7 @@ def redilate(model, **inputs):
 
 
 def damp(model, **inputs):
-    args = dict(damped_uncond="milder dilation", start_percent=0.0, end_percent=1.0)
+    args = dict(damped_uncond="milder dilation", start_percent=0.0, end_percent=1.0, schedule="custom")
     return host.run_node(ns.NoiseDampedCFG, model=model, **(args | inputs))[0]
 
 
@@ -174,23 +175,43 @@ def test_auto_tables_follow_the_reference_rule():
     assert sc.auto_table(4, 4.0) == sc.table("in1 down1 out1 up1:2; in2 down2 out2 up2:3; in3 down3 out3 up3 mid:4")
     assert sc.auto_table(4, 2.0) == sc.table("in1 down1 out1 up1 in2 down2 out2 up2 in3 down3 out3 up3 mid:2")
     assert sc.auto_table(3, 1.0) == {}
-    main, damped, _ = sc.PRESETS["SD1.5 2048x2048 / 2048x1024"].tables(official=False)
+    main, damped, _ = sc.PRESETS["SD1.5 2048x2048 / 2048x1024"].tables()
     assert sc.milder_table(main, 4) == damped  # the rule reproduces the reference's damped table
-    main, damped, _ = sc.PRESETS["SD2.1 2048x2048"].tables(official=False)
+    main, damped, _ = sc.PRESETS["SD2.1 2048x2048"].tables()
     assert sc.milder_table(main, 4) == damped
 
 
-def test_sdxl_tables_intended_and_official():
-    for name in ("SDXL 2048x2048", "SDXL 2560x2560", "SDXL 4096x2048", "SDXL 4096x4096"):
-        intended, damped_i, _ = sc.PRESETS[name].tables(official=False)
-        official, damped_o, _ = sc.PRESETS[name].tables(official=True)
-        assert intended["in2"] == intended["mid"]  # the deepest input level dilated like the middle block
-        if sc.PRESETS[name].damped:  # the reference's damped table, intended reading
-            assert damped_i["in2"] == damped_i["mid"]
-        assert {k: v for k, v in intended.items() if k != "in2"} == {k: v for k, v in official.items() if k != "in2"}
-    assert "in2" not in sc.PRESETS["SDXL 2048x2048"].tables(official=True)[0]  # reference: down_blocks.3 ignored
-    assert sc.PRESETS["SDXL 4096x2048"].tables(official=True)[0]["in2"] == 3  # reference: down_blocks.2 at 3
-    assert "in2" not in sc.PRESETS["SDXL 4096x4096"].tables(official=True)[1]
+def test_sdxl_presets_default_to_the_reference_tables_as_they_run():
+    # research note §1.3: the reference's SDXL configs name down_blocks.3 (absent), so input blocks 7-8 (in2) run
+    # undilated at 2048/2560, at 3 at 4096x2048 (its down_blocks.2 line), at 4 at 4096x4096; damped: mid, L2-out at 2.
+    assert {i.id: i for i in ns.RedilateModel.define_schema().inputs}["sdxl_layers"].default == "official"
+    expected = {
+        "SDXL 2048x2048": ("mid out2 up2:2", None, 0.60, False),
+        "SDXL 2560x2560": ("mid out2 up2:2.5", None, 0.60, False),
+        "SDXL 4096x2048": ("in2 out1 up1:3; mid out2 up2:4; out0:2", "mid out2 up2:2", 0.70, True),
+        "SDXL 4096x4096": ("in2 mid out2 up2:4; out1 up1:3; out0:2", "mid out2 up2:2", 0.70, True),
+    }
+    for name, (main, damped, end, ndcfg) in expected.items():
+        preset = sc.PRESETS[name]
+        got_main, got_damped, _ = preset.tables()
+        assert got_main == sc.table(main), name
+        assert (preset.end_percent, preset.ndcfg, preset.progressive) == (end, ndcfg, ndcfg), name
+        if damped:
+            assert got_damped == sc.table(damped), name
+        # 'intended': in2 dilated like the middle block, in the damped table too
+        intended, intended_damped, _ = preset.tables(intended=True)
+        assert intended["in2"] == intended["mid"]
+        if damped:
+            assert intended_damped == sc.table(damped) | {"in2": 2.0}
+        assert {k: v for k, v in intended.items() if k != "in2"} == {k: v for k, v in got_main.items() if k != "in2"}
+
+
+def test_reference_noise_damped_guidance_per_preset():
+    # ndcfg_tau of each reference config (research note §1.3): 0 = never used
+    used = {name for name, preset in sc.PRESETS.items() if preset.ndcfg}
+    assert used == {"SD1.5 2048x2048 / 2048x1024", "SD2.1 2048x2048", "SDXL 4096x2048", "SDXL 4096x4096"}
+    assert [sc.PRESETS[n].end_percent * 50 for n in sorted(used)] == pytest.approx([35, 37, 35, 35])
+    assert sc.PRESETS["SD2.1 2048x1024"].end_percent * 50 == pytest.approx(37)
 
 
 # --- layer maps on the real structures ------------------------------------------------------------
@@ -246,8 +267,8 @@ def test_layer_maps_name_real_layers(family):
     for name, preset in sc.PRESETS.items():
         if (preset.levels == 4) != (family != "SDXL"):
             continue
-        for official in (False, True):
-            main, damped, disperse = preset.tables(official)
+        for intended in (False, True):
+            main, damped, disperse = preset.tables(intended)
             assert set(main) | set(damped) | disperse <= slots, (name, set(main) - slots)
     # the research note's mapping table
     expected = {"SD1.5": {"input_blocks.9.0.op": "down2", "output_blocks.2.1.conv": "up3", "output_blocks.5.2.conv": "up2",
@@ -312,35 +333,65 @@ def test_dispersed_layers_use_5x5_kernels_at_half_dilation(sd15):
     assert torch.allclose(y, F.conv2d(x, w, b, padding=3, dilation=3), atol=1e-5)
 
 
-def test_patches_act_only_inside_their_ranges(sd15):
+def test_patches_act_only_inside_their_step_ranges(sd15):
     patched = redilate(sd15, dilation=2.0, start_percent=0.2, end_percent=0.6, dispersion_start_percent=0.4, dispersion_end_percent=0.8)
-    red = patched.get_wrappers(APPLY_MODEL, ns.WRAPPER_KEY)[0]
     rec = recorded(patched)
-    host.run_node(host.load_nodes()["KSampler"], model=patched, seed=0, steps=10, cfg=3.0, sampler_name="euler", scheduler="normal",
+    host.run_node(host.load_nodes()["KSampler"], model=patched, seed=0, steps=10, cfg=3.0, sampler_name="euler", scheduler="karras",
                   positive=cond(sd15), negative=cond(sd15, 2), latent_image={"samples": torch.zeros(1, 4, 32, 32)}, denoise=1.0)
     assert len(rec.calls) == 10
-    inside = [red.window.contains(c["sigma"]) for c in rec.calls]
-    assert any(inside) and not all(inside)
-    for call, active in zip(rec.calls, inside):
-        assert (call["plan"] is not None) == active
-        if active:
-            dispersing = {p for p, s in call["plan"].items() if s.disperse}
-            assert bool(dispersing) == red.disperse_window.contains(call["sigma"])
+    # steps 2-5 of 10 re-dilated, steps 4-7 dispersed (where both are active: 4, 5), whatever the scheduler
+    assert [c["plan"] is not None for c in rec.calls] == [i in range(2, 6) for i in range(10)]
+    assert [bool(c["plan"]) and any(s.disperse for s in c["plan"].values()) for c in rec.calls] == [i in (4, 5) for i in range(10)]
+    # read as timestep percent instead: a sigma window, the same for a one-step sampling at any sigma
+    sigma_based = redilate(sd15, dilation=2.0, start_percent=0.2, end_percent=0.6, window_unit="timestep percent")
     sampling = sd15.get_model_object("model_sampling")
     outside, inside_sigma = float(sampling.percent_to_sigma(0.1)), float(sampling.percent_to_sigma(0.4))
-    assert torch.equal(denoised(patched, sigma=outside), denoised(sd15, sigma=outside))
-    assert not torch.allclose(denoised(patched, sigma=inside_sigma), denoised(sd15, sigma=inside_sigma))
+    assert torch.equal(denoised(sigma_based, sigma=outside), denoised(sd15, sigma=outside))
+    assert not torch.allclose(denoised(sigma_based, sigma=inside_sigma), denoised(sd15, sigma=inside_sigma))
+
+
+@pytest.mark.parametrize("scheduler", ["normal", "karras", "exponential", "beta", "sgm_uniform", "simple", "ddim_uniform"])
+def test_windows_count_the_reference_steps_on_every_scheduler(sd15, scheduler):
+    """The reference is active for steps i < tau of 50 (SD2.1 2048: tau 37) and decays d = 4 as
+    4 for steps 0-9, 3 for 10-18, 2 for 19-36 (research note §1.3), on whatever schedule is sampled."""
+    sampling = sd15.get_model_object("model_sampling")
+    sigmas = comfy.samplers.calculate_sigmas(sampling, scheduler, 50)
+    assert len(sigmas) == 51
+    window = StepWindow.from_percents(sampling, 0.0, 0.74)
+    assert sum(window.contains(float(s), sigmas) for s in sigmas[:-1]) == 37
+    red = redilate(sd15, preset=ns.AUTO, dilation=4.0, end_percent=0.74, progressive=True).get_wrappers(APPLY_MODEL, ns.WRAPPER_KEY)[0]
+    plans = [red.plan((32, 32), float(s), {"sample_sigmas": sigmas}) for s in sigmas[:-1]]
+    mids = [p["middle_block.0.in_layers.2"].dilation if p else 1 for p in plans]
+    assert mids == [4] * 10 + [3] * 9 + [2] * 18 + [1] * 13
+    # an intermediate evaluation of a higher-order sampler belongs to its step
+    assert step_index(sigmas, (float(sigmas[36]) + float(sigmas[37])) / 2) == 36
+    if scheduler == "karras":  # ComfyUI's sigma convention covers other step counts (the issue: 30 instead of 37)
+        assert sum(SigmaWindow.from_percents(sampling, 0.0, 0.74).contains(float(s)) for s in sigmas[:-1]) == 30
+
+
+def test_step_windows_fall_back_to_sigma_outside_a_sampler(sd15, caplog):
+    sampling = sd15.get_model_object("model_sampling")
+    window = StepWindow.from_percents(sampling, 0.0, 0.5, "Re-dilate Model")
+    high, low = float(sampling.percent_to_sigma(0.2)), float(sampling.percent_to_sigma(0.8))
+    with caplog.at_level("WARNING"):
+        assert window.contains(high) and not window.contains(low)
+    assert "Re-dilate Model: the sampler's schedule is unknown" in caplog.text and "timestep percent" in caplog.text
 
 
 def test_every_preset_runs_on_its_family(sdxl):
-    sd_like = tiny_models.tiny_sd15(channel_mult=[1, 1, 1, 1], attention_resolutions=[4, 8])  # 4 levels like SD1.x/2.x
-    for model in (sd_like, sdxl):
-        levels = len(model.model.model_config.unet_config["channel_mult"])
+    sd_like = tiny_models.tiny_sd15(channel_mult=[1, 1, 1, 1], attention_resolutions=[4, 8])  # 4 levels like SD1.x
+    families = {sc.SD1: sd_like, sc.SD2: tiny_models.tiny_sd21(), sc.SDXL: sdxl}
+    for family, model in families.items():
         plain = denoised(model, cfg=2.0)
         for name, preset in sc.PRESETS.items():
-            if preset.levels == levels:
-                out = denoised(damp(redilate(model, preset=name, schedule="reference")), cfg=2.0)
+            if preset.family == family:
+                redilated = redilate(model, preset=name, schedule="reference")
+                out = denoised(damp(redilated) if preset.ndcfg else redilated, cfg=2.0)
                 assert torch.isfinite(out).all() and not torch.allclose(out, plain), name
+            else:  # the family is checked, not only the level count (SD1.5 and SD2.1 both have 4 levels)
+                with pytest.raises(UltraResInputError, match=rf"input 'preset': '{name}' is the reference's table for "
+                                                             rf"{preset.family} models, but this model is {family}"):
+                    redilate(model, preset=name)
 
 
 def test_applying_twice_replaces_instead_of_stacking(sd15):
@@ -439,17 +490,30 @@ def test_noise_damped_cfg_costs_one_extra_uncond_pass_per_active_step(sdxl, run)
     rec = recorded(guided)
     out = run(guided, 6, 5.0)
     assert torch.isfinite(out["samples"]).all()
-    window = guided.model_options["sampler_pre_cfg_function"][-1].window
     by_sigma = {}
     for call in rec.calls:
         by_sigma.setdefault(call["sigma"], []).append(call)
     assert len(by_sigma) == 6
-    for sigma, calls in by_sigma.items():
+    for step, calls in enumerate(by_sigma.values()):
         main = [c for c in calls if not c["damped"]]
         extra = [c for c in calls if c["damped"]]
         assert sorted(r for c in main for r in c["rows"]) == [0, 1]
-        assert [c["rows"] for c in extra] == ([(1,)] if window.contains(sigma) else [])
-    assert 0 < sum(c["damped"] for c in rec.calls) < 6
+        assert [c["rows"] for c in extra] == ([(1,)] if step < 3 else [])  # steps 0-2 of 6
+
+
+def test_noise_damped_cfg_follows_the_preset_reference(sdxl):
+    """Default schedule: the re-dilation's own range (ndcfg_tau = dilate_tau); a preset whose reference
+    never damps (ndcfg_tau 0) is refused with the way out."""
+    red = redilate(sdxl, preset="SDXL 4096x4096", schedule="reference")
+    guided = host.run_node(ns.NoiseDampedCFG, model=red, damped_uncond="milder dilation", start_percent=0.0, end_percent=0.2)[0]
+    window = guided.model_options["sampler_pre_cfg_function"][-1].window
+    assert window is red.get_wrappers(APPLY_MODEL, ns.WRAPPER_KEY)[0].window and window.end_percent == 0.7
+    sigmas = torch.linspace(14.0, 0.0, 51)
+    assert sum(window.contains(float(s), sigmas) for s in sigmas[:-1]) == 35
+    with pytest.raises(UltraResInputError, match=r"Noise-Damped CFG: input 'schedule': the reference never uses noise-damped "
+                                                  r"guidance with preset 'SDXL 2048x2048'.*Fix: remove this node, or set schedule to 'custom'"):
+        host.run_node(ns.NoiseDampedCFG, model=redilate(sdxl, preset="SDXL 2048x2048"), damped_uncond="milder dilation",
+                      start_percent=0.0, end_percent=0.7)
 
 
 # --- bad input ----------------------------------------------------------------------------------
@@ -467,8 +531,10 @@ def test_bad_input_gives_clear_errors(sd15, sdxl, flux):
     with pytest.raises(UltraResInputError, match=r"input 'dilation': 0.5 is below 1"):
         redilate(sd15, dilation=0.5)
     with pytest.raises(UltraResInputError, match=r"input 'preset'.*4 levels, this one has 3"):
-        redilate(sdxl, preset="SD1.5 1024x1024")
+        redilate(sd15, preset="SD1.5 1024x1024")  # the tiny SD1.5 UNet has 3 levels
     with pytest.raises(UltraResInputError, match=r"input 'start_percent'"):
         redilate(sd15, start_percent=0.8, end_percent=0.2)
+    with pytest.raises(UltraResInputError, match=r"input 'dispersion_start_percent': 0.6 is after dispersion_end_percent 0.3"):
+        redilate(sd15, dispersion_start_percent=0.6, dispersion_end_percent=0.3)
     with pytest.raises(UltraResInputError, match=r"Noise-Damped CFG: input 'model': the model is not re-dilated"):
         damp(sd15)

@@ -6,8 +6,8 @@
   * SDXL / SD1.5: CheckpointLoaderSimple -> the pack's Toy World Loader (MODEL, VAE) and the two
     CLIPTextEncode -> its positive / negative conditioning (no SDXL text encoder can be made small).
     Sizes x1/8 for SDXL (4096 -> 512 px, 2x the toy's native 256, so every method still runs
-    above native size; the 1024 base pass becomes 128) and x1/4 for SD1.5 (2048 -> 512). The SD1.5 dilation
-    preset names a 4-level UNet; the toy UNet has 3 levels, so it becomes 'auto'.
+    above native size; the 1024 base pass becomes 128) and x1/4 for SD1.5 (2048 -> 512). Dilation presets are
+    the reference's tables for SD1.5 (4 levels) or SDXL; the toy UNet is SD1.x with 3 levels, so they become 'auto'.
   * FLUX: UNETLoader + DualCLIPLoader/CLIPTextEncode -> tests/testkit's tiny FLUX DiT and its
     conditioning (ComfyUI's FLUX detection needs the full width); ae.safetensors is a 16-channel
     TAESD and the URAE adapters are tiny ones at the real file names, so the VAE Loader, LoRA
@@ -158,7 +158,7 @@ def with_tiny_models(api: dict) -> tuple[dict, float]:
             inputs["width"], inputs["height"] = int(inputs["width"] * factor), int(inputs["height"] * factor)
         elif kind == "KSampler":
             inputs["steps"] = TEST_STEPS
-        elif kind == "UltraResRedilateModel" and inputs["preset"].startswith("SD1.5"):
+        elif kind == "UltraResRedilateModel":  # the toy world is SD1.x with 3 levels: no reference preset fits it
             inputs["preset"] = "auto (from latent size)"
     return api, factor
 

@@ -68,6 +68,18 @@ def tiny_sd15(seed: int = 0, **overrides):
     return _build(comfy.supported_models.SD15, dict(SD15_UNET, **overrides), seed)
 
 
+class TinySD20(comfy.supported_models.SD20):
+    """SD20 with attention heads the tiny width can hold (SD20 itself fixes 64 channels per head)."""
+
+    unet_extra_config = {"num_heads": -1, "num_head_channels": 32}
+
+
+def tiny_sd21(seed: int = 0, **overrides):
+    """SD2.x-family UNet (an SD20 model config, context 1024, linear transformer projections), 4 levels."""
+    return _build(TinySD20, dict(SD15_UNET, context_dim=1024, use_linear_in_transformer=True,
+                                                    channel_mult=[1, 1, 1, 1], attention_resolutions=[4, 8], **overrides), seed)
+
+
 def tiny_sdxl(seed: int = 0, **overrides):
     """SDXL-family UNet: adm (pooled text + size/crop embedding, 2816) and context 2048, 3 levels."""
     return _build(comfy.supported_models.SDXL, dict(SDXL_UNET, **overrides), seed)

@@ -166,8 +166,11 @@ function redilateInfo(node, size, chain, sampler) {
   const progressive = custom ? value(node, "progressive") : plan.progressive;
   const lines = [`${px(size)} / native ${side} latent px (${how}): ratio ${fmt(plan.ratio)}`];
   if (split) lines.push(`sees ${seen} latent px patches (Patch Split is applied before it)`);
-  lines.push(`dilation per level 0..deepest, mid: ${plan.perLevel.map(fmt).join(", ")}`);
-  lines.push(`until ${Math.round(end * 100)}% of steps${progressive ? ", decaying (progressive)" : ""}`);
+  if (plan.passthrough) lines.push("at or below native size: re-dilation changes nothing");
+  else {
+    lines.push(`dilation per level 0..deepest, mid: ${plan.perLevel.map(fmt).join(", ")}`);
+    lines.push(`until ${Math.round(end * 100)}% of steps${progressive ? ", decaying (progressive)" : ""}`);
+  }
   return { lines, data: { size, native: side, seen, end, progressive, ...plan } };
 }
 
@@ -180,7 +183,9 @@ function noiseDampedInfo(node, size, chain, sampler) {
     data.damped = value(node, "damped_uncond") === "undilated" ? info.data.perLevel.map(() => 1) : info.data.damped;
     lines.push(`damped uncond dilation: ${data.damped.map(fmt).join(", ")}`);
   } else if (!redilate) lines.push("needs Re-dilate Model before it");
-  const window = `${Math.round(value(node, "start_percent") * 100)}-${Math.round(value(node, "end_percent") * 100)}%`;
+  const window = value(node, "schedule") === "custom"
+    ? `${Math.round(value(node, "start_percent") * 100)}-${Math.round(value(node, "end_percent") * 100)}% of steps`
+    : "the re-dilation's range (reference)";
   lines.push(`model passes/step: 3 (cond, uncond, damped uncond) in ${window}, else 2`);
   return { lines, data };
 }

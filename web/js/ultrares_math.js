@@ -64,11 +64,13 @@ export function milderLevels(perLevel) {
 }
 
 // What Re-dilate Model (auto preset) does for a latent of `side` (its larger side) at `native`:
-// ratio = side / native unless a fixed `dilation` is set; progressive decay from a factor of 3.
+// ratio = side / native unless a fixed `dilation` is set; progressive decay from a factor of 3;
+// passthrough when no convolution is dilated (auto_table() is empty: at or below native size).
 export function redilatePlan(side, native, levels, dilation = 0) {
   const ratio = dilation > 0 ? dilation : side / native;
   const perLevel = autoLevels(levels, ratio);
-  return { ratio, perLevel, damped: milderLevels(perLevel), progressive: Math.max(...perLevel) >= 3 };
+  return { ratio, perLevel, damped: milderLevels(perLevel), progressive: Math.max(...perLevel) >= 3,
+           passthrough: perLevel.every((d) => d <= 1) };
 }
 
 // progressive_dilation(): d_i = max(ceil(d (1 - done)), min(d, 2)).
@@ -81,7 +83,7 @@ export function unetLevels(native) {
   return native === 64 || native === 96 ? 4 : 3;
 }
 
-// ---- LR Condition Injector (patches/lr_guidance.py stride_for) ----
+// ---- LR Condition Injector (patches/lr_guidance.py global_stride) ----
 
 export function lrGlobalStride(high, low, globalStride = 0) {
   if (globalStride > 0) return globalStride;
