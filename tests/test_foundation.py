@@ -2,8 +2,11 @@
 live server (category, tooltips), and a /prompt round trip through a node of the pack."""
 
 import importlib
+import os
+import pathlib
 import subprocess
 import sys
+import sysconfig
 import tomllib
 
 import pytest
@@ -47,6 +50,31 @@ def test_pyproject_is_registry_metadata():
     assert comfy["PublisherId"] and comfy["DisplayName"] == "UltraRes" and comfy["Icon"]
     assert comfy["requires-comfyui"].startswith(">=0.3.75")
     assert "Repository" in meta["project"]["urls"]
+
+
+def test_host_under_test_is_a_declared_comfyui():
+    """The suite runs on a host the pack declares (pyproject `requires-comfyui`); an older one is unsupported."""
+    from packaging.specifiers import SpecifierSet
+
+    import comfyui_version
+
+    declared = tomllib.loads((host.REPO / "pyproject.toml").read_text())["tool"]["comfy"]["requires-comfyui"]
+    assert comfyui_version.__version__ in SpecifierSet(declared), \
+        f"ComfyUI {comfyui_version.__version__} at {host.COMFYUI_DIR} is outside requires-comfyui {declared!r}"
+
+
+def test_comfy_node_validate_passes(tmp_path):
+    """The registry's publishing check, comfy-cli's `comfy node validate` (pinned in tests/requirements-test.txt):
+    pyproject metadata, then ruff's exec/eval/one-line-statement rules, which it only prints as warnings."""
+    cli = pathlib.Path(sysconfig.get_path("scripts")) / "comfy"
+    if not cli.is_file():
+        pytest.skip(f"comfy-cli is not installed for {sys.executable}: pip install -r tests/requirements-test.txt")
+    env = dict(os.environ, HOME=str(tmp_path), XDG_CONFIG_HOME=str(tmp_path / ".config"))  # its settings stay private
+    res = subprocess.run([str(cli), "--skip-prompt", "--no-enable-telemetry", "node", "validate"], cwd=host.REPO, env=env,
+                         stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out
+    assert "All validation checks passed" in out and "Security warnings" not in out, out
 
 
 def test_quick_test_for_ci_passes_with_the_pack(tmp_path):
