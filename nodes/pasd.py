@@ -400,4 +400,69 @@ class PASDControlNetLoader(io.ComfyNode):
         return io.NodeOutput(controlnet_from_diffusers(model, {k: read(k) for k in shapes}, control_net_name))
 
 
-NODES = [PASDUNetLoader, PASDControlNetLoader]
+# ---- the reference's recipe around sampling ---------------------------------------------------------
+
+INIT_LATENT, COLOR_FIX = "PASD Init Latent", "PASD Color Fix"
+
+
+class PASDInitLatent(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="UltraResPASDInitLatent",
+            display_name=INIT_LATENT,
+            category=category("PASD"),
+            description="PASD's init latent: the encoded upscaled input, noised as the reference does (to t=999, then once more to "
+                        "t=added_noise_level). Equivalent in ComfyUI: the latent x sqrt(abar[added_noise_level]) (~0.119 for SD1.5 at "
+                        "900), sampled at denoise 1.0 (KSampler adds the t=999 noise).",
+            inputs=[
+                io.Model.Input("model", tooltip="The model whose discrete schedule defines abar (SD1.5 family)."),
+                io.Latent.Input("latent", tooltip="VAE Encode of the upscaled input (the same picture as the ControlNet image)."),
+                io.Int.Input("added_noise_level", default=pasd.ADDED_NOISE_LEVEL, min=0, max=999,
+                             tooltip="The reference's second noising timestep (pipeline_pasd: 900). Lower keeps more of the input."),
+            ],
+            outputs=[io.Latent.Output(display_name="latent", tooltip="Feed to KSampler with denoise 1.0.")],
+        )
+
+    @classmethod
+    def execute(cls, model, latent, added_noise_level) -> io.NodeOutput:
+        sigmas = getattr(model.get_model_object("model_sampling"), "sigmas", None)
+        if sigmas is None or len(sigmas) <= added_noise_level:
+            raise input_error(INIT_LATENT, "model", "its sampling has no discrete 1000-step schedule",
+                              "connect an SD1.5-family (eps, discrete) model")
+        out = dict(latent)
+        out["samples"] = latent["samples"] * pasd.init_latent_scale(sigmas, added_noise_level)
+        return io.NodeOutput(out)
+
+
+class PASDColorFix(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="UltraResPASDColorFix",
+            display_name=COLOR_FIX,
+            category=category("PASD"),
+            description="PASD's wavelet colour fix after decode (always on in the reference): keeps the result's detail bands and "
+                        "takes the low-frequency band (colour, shading) from the reference picture, the upscaled input.",
+            inputs=[
+                io.Image.Input("image", tooltip="The decoded PASD result."),
+                io.Image.Input("reference", tooltip="The upscaled input (the ControlNet image); resized to the result if needed."),
+                io.Int.Input("levels", default=5, min=1, max=8, tooltip="Wavelet levels (reference: 5): the low band is a blur of radius ~2^levels px."),
+            ],
+            outputs=[io.Image.Output(display_name="image")],
+        )
+
+    @classmethod
+    def execute(cls, image, reference, levels) -> io.NodeOutput:
+        if reference.shape[0] not in (1, image.shape[0]):
+            raise input_error(COLOR_FIX, "reference", f"{reference.shape[0]} pictures for {image.shape[0]} results",
+                              "give one reference, or one per result")
+        result = image.movedim(-1, 1)[:, :3]
+        ref = reference.movedim(-1, 1)[:, :3].to(result)
+        if ref.shape[-2:] != result.shape[-2:]:
+            ref = comfy.utils.common_upscale(ref, result.shape[-1], result.shape[-2], "bicubic", "disabled")
+        fixed = pasd.wavelet_color_fix(result, ref.expand_as(result), levels)
+        return io.NodeOutput(fixed.movedim(1, -1))
+
+
+NODES = [PASDUNetLoader, PASDControlNetLoader, PASDInitLatent, PASDColorFix]

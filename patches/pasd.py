@@ -161,3 +161,38 @@ def control_index(control_count: int, output_block: int) -> int:
 def tokens(x: torch.Tensor) -> torch.Tensor:
     """b c h w -> b (h w) c."""
     return x.flatten(2).transpose(1, 2)
+
+
+ADDED_NOISE_LEVEL = 900  # the reference's second noising of the init latent (pipeline_pasd: added_noise_level)
+
+
+def init_latent_scale(sigmas: torch.Tensor, added_noise_level: int = ADDED_NOISE_LEVEL) -> float:
+    """The reference's init latent is z noised to t = 999 and then once more to t = `added_noise_level`:
+    sqrt(abar_900) sqrt(abar_999) z + noise of variance 1 - abar_900 abar_999. Sampling from sigma_max a
+    latent of sqrt(abar_900) z gives the same signal and (up to 1 - abar_999, ~0.995 vs ~0.99995) noise.
+    `sigmas` is the discrete schedule (sigma_t = sqrt((1 - abar_t) / abar_t))."""
+    return float(1 / torch.sqrt(1 + sigmas[added_noise_level].double() ** 2))
+
+
+def _wavelet_blur(x: torch.Tensor, radius: int) -> torch.Tensor:
+    """3x3 binomial blur dilated by `radius`, edge-replicated (one level of the a-trous wavelet transform)."""
+    k = torch.tensor([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]], dtype=x.dtype, device=x.device) / 16
+    c = x.shape[1]
+    x = torch.nn.functional.pad(x, (radius,) * 4, mode="replicate")
+    return torch.nn.functional.conv2d(x, k.expand(c, 1, 3, 3), groups=c, dilation=radius)
+
+
+def wavelet_bands(x: torch.Tensor, levels: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    """(high, low) frequency parts of (B, C, H, W) pictures: high = sum of `levels` wavelet details, x = high + low."""
+    high = torch.zeros_like(x)
+    for i in range(levels):
+        low = _wavelet_blur(x, 2 ** i)
+        high = high + (x - low)
+        x = low
+    return high, x
+
+
+def wavelet_color_fix(result: torch.Tensor, reference: torch.Tensor, levels: int = 5) -> torch.Tensor:
+    """The reference's wavelet colour fix (after decode): the result's detail bands on the reference's
+    low-frequency band (colour and shading of the input), both (B, C, H, W) of one size."""
+    return (wavelet_bands(result, levels)[0] + wavelet_bands(reference, levels)[1]).clamp(0, 1)

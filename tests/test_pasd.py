@@ -339,3 +339,32 @@ def test_a_truncated_file_is_refused_clearly(sd15):
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(UltraResInputError, match="PASD UNet Loader: input 'unet_name'.*truncated"):
         host.run_node(pasd_nodes.PASDUNetLoader, model=sd15, unet_name=name)
+
+
+# ---- the recipe around sampling ---------------------------------------------------------------------
+
+def test_init_latent_is_the_reference_double_noising(sd15):
+    latent = {"samples": torch.ones(1, 4, 8, 8)}
+    out = host.run_node(pasd_nodes.PASDInitLatent, model=sd15, latent=latent, added_noise_level=900)[0]["samples"]
+    # SD1.5's scaled-linear betas: abar_900 by the reference's formula (diffusers DDPMScheduler)
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    abar = torch.cumprod(1 - betas, 0)
+    assert out.flatten()[0].item() == pytest.approx(float(abar[900].sqrt()), rel=1e-4)
+    assert 0.11 < out.flatten()[0].item() < 0.13  # the research notes' ~0.119
+
+
+def test_color_fix_restores_the_input_low_frequencies():
+    g = torch.Generator().manual_seed(0)
+    y, x = torch.meshgrid(torch.linspace(0, 1, 96), torch.linspace(0, 1, 96), indexing="ij")
+    truth = torch.stack([0.2 + 0.6 * x, 0.3 + 0.4 * y, 0.5 + 0.2 * x * y])[None]
+    detail = 0.1 * torch.sign(torch.sin(40 * x) * torch.sin(37 * y))[None, None]
+    result = (truth + detail + torch.tensor([0.15, -0.1, 0.05]).view(1, 3, 1, 1)).clamp(0, 1)  # a colour cast
+    reference = (truth + 0.02 * torch.randn(truth.shape, generator=g)).clamp(0, 1)
+    to_image = lambda t: t.movedim(1, -1)
+    fixed = host.run_node(pasd_nodes.PASDColorFix, image=to_image(result), reference=to_image(reference[..., ::2, ::2]), levels=5)[0].movedim(-1, 1)
+    low = lambda t: pasd.wavelet_bands(t, 5)[1]
+    before = (low(result) - low(reference)).abs().mean()
+    after = (low(fixed) - low(reference)).abs().mean()
+    assert after < 0.15 * before, (before, after)
+    high = lambda t: pasd.wavelet_bands(t, 5)[0]
+    assert (high(fixed) - high(result)).abs().mean() < 0.2 * high(result).abs().mean()  # the detail stays the result's
