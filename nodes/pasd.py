@@ -465,4 +465,91 @@ class PASDColorFix(io.ComfyNode):
         return io.NodeOutput(fixed.movedim(1, -1))
 
 
-NODES = [PASDUNetLoader, PASDControlNetLoader, PASDInitLatent, PASDColorFix]
+TILED = "PASD Tiled Sampling"
+TILE_KEY = "ultrares.pasd.tiles"
+
+
+def _controls(conds) -> list:
+    """Every ControlNet in the conds of this call (each once, previous_controlnet chains included)."""
+    found = []
+    for cond in conds:
+        for c in cond or []:
+            if c.get("area") is not None or c.get("mask") is not None:
+                raise input_error(TILED, "model", "a conditioning has an area or mask, which per-tile sampling does not crop",
+                                  "remove the area/mask conditioning, or sample without PASD Tiled Sampling")
+            control = c.get("control")
+            while control is not None:
+                if all(control is not f for f in found):
+                    found.append(control)
+                control = control.previous_controlnet
+    return found
+
+
+def tiled_cond_batch(tile: int, overlap: int):
+    """CALC_COND_BATCH wrapper: above tile x tile latent px, each step runs the model (and its ControlNets)
+    tile by tile: the latent cropped, and every ControlNet's hint cropped at the same place (x its
+    compression ratio), the predictions blended with the reference's Gaussian weights."""
+
+    def wrapper(executor, model, conds, x_in, timestep, model_options):
+        h, w = x_in.shape[-2:]
+        if h * w <= tile * tile:
+            return executor(model, conds, x_in, timestep, model_options)
+        size = min(tile, h, w)
+        controls = _controls(conds)
+        hints = [comfy.utils.common_upscale(c.cond_hint_original, w * c.compression_ratio, h * c.compression_ratio, c.upscale_algorithm, "center")
+                 for c in controls]
+        originals = [c.cond_hint_original for c in controls]
+        weights = pasd.gaussian_weights(size, size).to(x_in)
+        outs, total = None, torch.zeros((h, w), dtype=x_in.dtype, device=x_in.device)
+        try:
+            for y in pasd.tile_origins(h, size, overlap):
+                for x in pasd.tile_origins(w, size, overlap):
+                    for c, hint in zip(controls, hints):
+                        r = c.compression_ratio
+                        c.cond_hint_original, c.cond_hint = hint[..., y * r:(y + size) * r, x * r:(x + size) * r], None
+                    part = executor(model, conds, x_in[..., y:y + size, x:x + size], timestep, model_options)
+                    if outs is None:
+                        outs = [torch.zeros_like(x_in) for _ in part]
+                    for o, p in zip(outs, part):
+                        o[..., y:y + size, x:x + size] += p * weights
+                    total[y:y + size, x:x + size] += weights
+        finally:
+            for c, original in zip(controls, originals):
+                c.cond_hint_original, c.cond_hint = original, None
+        return [o / total for o in outs]
+
+    return wrapper
+
+
+class PASDTiledSampling(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="UltraResPASDTiledSampling",
+            display_name=TILED,
+            category=category("PASD"),
+            description="PASD's per-step latent tiling on a clone of the model: when the latent has more than tile_size^2 pixels "
+                        "(4K output = 512x512 latent px), every step runs the UNet and its ControlNet tile by tile, cropping the "
+                        "ControlNet hint with the latent, and blends the predictions with the reference's Gaussian weights. "
+                        "Smaller latents are sampled whole, as in the reference.",
+            inputs=[
+                io.Model.Input("model", tooltip="The PASD model (after PASD UNet Loader)."),
+                io.Int.Input("tile_size", default=pasd.TILE_SIZE, min=16, max=1024, step=8,
+                             tooltip="Tile side in latent px (reference: 320 = 2560 px). Tiling starts above tile_size^2 latent pixels."),
+                io.Int.Input("tile_overlap", default=pasd.TILE_OVERLAP, min=0, max=256, step=1,
+                             tooltip="Overlap of neighbouring tiles in latent px (reference: 8)."),
+            ],
+            outputs=[io.Model.Output(display_name="model")],
+        )
+
+    @classmethod
+    def execute(cls, model, tile_size, tile_overlap) -> io.NodeOutput:
+        if not 0 <= tile_overlap < tile_size:
+            raise input_error(TILED, "tile_overlap", f"{tile_overlap} is not below tile_size {tile_size}", "use 8 (the reference)")
+        m = model.clone()
+        m.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, TILE_KEY)
+        m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, TILE_KEY, tiled_cond_batch(tile_size, tile_overlap))
+        return io.NodeOutput(m)
+
+
+NODES = [PASDUNetLoader, PASDControlNetLoader, PASDInitLatent, PASDColorFix, PASDTiledSampling]

@@ -196,3 +196,23 @@ def wavelet_color_fix(result: torch.Tensor, reference: torch.Tensor, levels: int
     """The reference's wavelet colour fix (after decode): the result's detail bands on the reference's
     low-frequency band (colour and shading of the input), both (B, C, H, W) of one size."""
     return (wavelet_bands(result, levels)[0] + wavelet_bands(reference, levels)[1]).clamp(0, 1)
+
+
+TILE_SIZE, TILE_OVERLAP = 320, 8  # the reference's latent_tiled_size / latent_tiled_overlap (latent px)
+
+
+def tile_origins(length: int, tile: int, overlap: int) -> list[int]:
+    """Tile starts along one side as the reference lays them: every tile - overlap px, the last one flush
+    with the end."""
+    if length <= tile:
+        return [0]
+    return list(range(0, length - tile, tile - overlap)) + [length - tile]
+
+
+def gaussian_weights(height: int, width: int) -> torch.Tensor:
+    """The reference's blending weights for one tile: a separable Gaussian of variance 0.01 on coordinates
+    normalised by the tile side, centred on the tile."""
+    def axis(n):
+        x = torch.arange(n, dtype=torch.float64)
+        return torch.exp(-((x - (n - 1) / 2) ** 2) / (n * n) / (2 * 0.01)) / (2 * torch.pi * 0.01) ** 0.5
+    return (axis(height)[:, None] * axis(width)[None]).float()

@@ -368,3 +368,50 @@ def test_color_fix_restores_the_input_low_frequencies():
     assert after < 0.15 * before, (before, after)
     high = lambda t: pasd.wavelet_bands(t, 5)[0]
     assert (high(fixed) - high(result)).abs().mean() < 0.2 * high(result).abs().mean()  # the detail stays the result's
+
+
+def test_tile_layout_is_the_reference_one():
+    assert pasd.tile_origins(512, 320, 8) == [0, 192]  # a 4K output: two tiles per side
+    assert pasd.tile_origins(320, 320, 8) == [0]
+    assert pasd.tile_origins(700, 320, 8) == [0, 312, 380]
+    w = pasd.gaussian_weights(4, 6)
+    assert w.shape == (4, 6) and torch.allclose(w, w.flip(0)) and torch.allclose(w, w.flip(1)) and w[1, 2] > w[0, 0]
+
+
+def tiled(model, tile, overlap=2):
+    return host.run_node(pasd_nodes.PASDTiledSampling, model=model, tile_size=tile, tile_overlap=overlap)[0]
+
+
+def test_tiler_equals_the_untiled_path_when_the_latent_fits_one_tile(node_classes, sd15):
+    cn = load_controlnet(sd15)
+    patched = load_pasd(sd15, pasd.FULL)
+    assert torch.equal(sample(node_classes, tiled(patched, 8), cn), sample(node_classes, patched, cn))
+
+
+def test_tiler_crops_the_hint_with_the_latent_and_blends(sd15):
+    cn = load_controlnet(sd15).copy().set_cond_hint(torch.rand(1, 3, 64, 96, generator=torch.Generator().manual_seed(2)))
+    wrapper = pasd_nodes.tiled_cond_batch(6, 2)
+    x_in = torch.randn(2, 4, 8, 12, generator=torch.Generator().manual_seed(3))
+    seen = []
+
+    def executor(model, conds, x, timestep, model_options):  # stands in for the rest of ComfyUI's cond batch
+        seen.append((x.clone(), cn.cond_hint_original.clone(), cn.cond_hint))
+        return [x * 2, x - 1]
+
+    out = wrapper(executor, None, [[{"control": cn}], [{"control": cn}]], x_in, torch.tensor([500.0]), {})
+    assert torch.allclose(out[0], x_in * 2, atol=1e-5) and torch.allclose(out[1], x_in - 1, atol=1e-5)
+    origins = [(y, x) for y in (0, 2) for x in (0, 4, 6)]
+    assert len(seen) == len(origins)
+    full = cn.cond_hint_original
+    for (y, x), (latent, hint, cached) in zip(origins, seen):
+        assert torch.equal(latent, x_in[..., y:y + 6, x:x + 6])
+        assert torch.equal(hint, full[..., y * 8:(y + 6) * 8, x * 8:(x + 6) * 8]) and cached is None
+    assert cn.cond_hint_original is full and cn.cond_hint is None  # restored
+
+
+def test_tiled_sampling_runs_through_the_host(node_classes, sd15):
+    cn = load_controlnet(sd15)
+    patched = load_pasd(sd15, pasd.FULL)
+    out = sample(node_classes, tiled(patched, 6), cn)
+    assert out.shape == (1, 4, 8, 8) and torch.isfinite(out).all()
+    assert (out - sample(node_classes, patched, cn)).abs().max() > 1e-4
