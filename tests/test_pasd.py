@@ -415,3 +415,25 @@ def test_tiled_sampling_runs_through_the_host(node_classes, sd15):
     out = sample(node_classes, tiled(patched, 6), cn)
     assert out.shape == (1, 4, 8, 8) and torch.isfinite(out).all()
     assert (out - sample(node_classes, patched, cn)).abs().max() > 1e-4
+
+
+def test_toy_training_smoke_saves_the_released_layouts_that_the_loaders_read(tmp_path):
+    from toy_world import train_pasd
+    from ultrares.nodes import toy_world
+
+    summary = train_pasd.train(steps=1, batch=1, lr=1e-3, seed=0, out_dir=tmp_path)
+    assert summary["steps"] == 1 and (tmp_path / train_pasd.LOG_FILE).is_file()
+    unet = safetensors.torch.load_file(str(tmp_path / train_pasd.UNET_FILE))
+    assert "conv_in.weight" in unet and "up_blocks.0.pixel_attentions.0.transformer_blocks.0.attn2.to_k.weight" in unet
+    cn_keys = safetensors.torch.load_file(str(tmp_path / train_pasd.CONTROLNET_FILE))
+    assert "controlnet_cond_embedding.to_rgbs.2.weight" in cn_keys and "controlnet_mid_block.weight" in cn_keys
+    model = toy_world.build_model(toy_world.load_weights(toy_world.WEIGHTS)[0])
+    for folder, name in (("diffusion_models", train_pasd.UNET_FILE), ("controlnet", train_pasd.CONTROLNET_FILE)):
+        target = host.BASE_DIRECTORY / "models" / folder / f"smoke_{name}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes((tmp_path / name).read_bytes())
+    patched = host.run_node(pasd_nodes.PASDUNetLoader, model=model, unet_name=f"smoke_{train_pasd.UNET_FILE}")[0]
+    assert len(patched.injections[pasd_nodes.KEY]) == 1
+    cn = host.run_node(pasd_nodes.PASDControlNetLoader, model=model, control_net_name=f"smoke_{train_pasd.CONTROLNET_FILE}")[0]
+    trained = {k: v for k, v in cn_keys.items() if k.startswith("controlnet_down_blocks.0.")}
+    assert torch.equal(cn.control_model.zero_convs[0][0].weight, trained["controlnet_down_blocks.0.weight"])
