@@ -12,6 +12,7 @@ _NODE_MODULES = (
     "lr_injector",
     "urae",
     "exact_decode",
+    "pasd",
     "toy_world",
 )
 

@@ -29,8 +29,10 @@ FLUX_UNET = "flux1-dev.safetensors"
 CLIP_L, T5XXL = "clip_l.safetensors", "t5xxl_fp16.safetensors"
 FLUX_VAE = "ae.safetensors"
 URAE_2K, URAE_4K = "urae_2k_adapter.safetensors", "urae_4k_adapter.safetensors"
-MODEL_FILES = {"checkpoints": [SDXL_CKPT, SD15_CKPT], "diffusion_models": [FLUX_UNET],
-               "text_encoders": [CLIP_L, T5XXL], "vae": [FLUX_VAE], "loras": [URAE_2K, URAE_4K]}
+PASD_UNET, PASD_CONTROLNET = "pasd_unet.safetensors", "pasd_controlnet.safetensors"  # PASD's unet/ and controlnet/ files, renamed
+PASD_INPUT = "pasd_input.png"  # the picture to upscale (the user's own, in ComfyUI's input folder)
+MODEL_FILES = {"checkpoints": [SDXL_CKPT, SD15_CKPT], "diffusion_models": [FLUX_UNET, PASD_UNET],
+               "text_encoders": [CLIP_L, T5XXL], "vae": [FLUX_VAE], "loras": [URAE_2K, URAE_4K], "controlnet": [PASD_CONTROLNET]}
 
 NEGATIVE = "blurry, ugly, duplicate, poorly drawn, deformed, mosaic"  # CutDiffusion's default negative prompt
 PROMPT = "a lighthouse on a rocky coast at dawn, waves, gulls, highly detailed photograph"
@@ -336,8 +338,47 @@ def flux_4096_urae(g):
             f"{EXACT_DECODE_TIP}")
 
 
+# PASD's test_pasd.py defaults: added prompt, negative prompt, UniPC 20 steps, CFG 9, conditioning_scale 1.
+PASD_PROMPT = "clean, high-resolution, 8k"  # the reference appends this to a caption of the input (CoCa/BLIP)
+PASD_NEGATIVE = "blurry, dotted, noise, raster lines, unclear, lowres, over-smoothed"
+PASD_SAMPLING = dict(sampler_name="uni_pc", scheduler="normal", steps=20, cfg=9.0)
+
+
+def sd15_pasd_4x_upscale(g):
+    """SD1.5 4x upscale: PASD (ControlNet + PACA)"""
+    ckpt = g.add("CheckpointLoaderSimple", "Checkpoint", ckpt_name=SD15_CKPT)
+    picture = g.add("LoadImage", "Input picture", image=PASD_INPUT)
+    size = g.add("ImageScale", "Size", image=(picture, 0), upscale_method="bicubic", width=4096, height=4096, crop="disabled")
+    unet = g.add("UltraResPASDUNetLoader", model=(ckpt, 0), unet_name=PASD_UNET)
+    tiles = g.add("UltraResPASDTiledSampling", model=(unet, 0), tile_size=320, tile_overlap=8)
+    controlnet = g.add("UltraResPASDControlNetLoader", model=(ckpt, 0), control_net_name=PASD_CONTROLNET)
+    pos, neg = sdxl_text(g, ckpt, positive=PASD_PROMPT, negative=PASD_NEGATIVE)
+    control = g.add("ControlNetApplyAdvanced", "PASD ControlNet", positive=(pos, 0), negative=(neg, 0), control_net=(controlnet, 0),
+                    image=(size, 0), strength=1.0, start_percent=0.0, end_percent=1.0)
+    encoded = g.add("VAEEncodeTiled", "Encode (tiled)", pixels=(size, 0), vae=(ckpt, 2), tile_size=1024, overlap=64)
+    init = g.add("UltraResPASDInitLatent", model=(ckpt, 0), latent=(encoded, 0), added_noise_level=900)
+    latent = g.add("KSampler", "Sampler", model=(tiles, 0), positive=(control, 0), negative=(control, 1), latent_image=(init, 0),
+                   seed=0, denoise=1.0, **PASD_SAMPLING)
+    decoded = g.add("VAEDecodeTiled", "Decode (tiled)", samples=(latent, 0), vae=(ckpt, 2), tile_size=512, overlap=64)
+    fixed = g.add("UltraResPASDColorFix", image=(decoded, 0), reference=(size, 0), levels=5)
+    g.add("SaveImage", filename_prefix="UltraRes/sd15_pasd_4x_upscale", images=(fixed, 0))
+    return ("PASD 4x super-resolution on SD1.5: a 1024x1024 picture to 4096x4096. The picture is upscaled bicubically; "
+            "that image is both the ControlNet hint and, encoded, the init latent.\n\n"
+            f"Needs: models/checkpoints/{SD15_CKPT} (any SD1.5 model is a valid base), PASD's unet/diffusion_pytorch_model.safetensors "
+            f"renamed to models/diffusion_models/{PASD_UNET}, its controlnet/diffusion_pytorch_model.safetensors renamed to "
+            f"models/controlnet/{PASD_CONTROLNET} (HF yangtao9009/PASD, pasd or pasd_light; not the RRDB variants), your picture "
+            f"as input/{PASD_INPUT}. For another factor, set Size to 4x your picture.\n"
+            "Reference settings (PASD test_pasd.py): UniPC, 20 steps, CFG 9 (the demo uses 7.5), ControlNet strength 1.0, "
+            f"positive '<caption of your picture> {PASD_PROMPT}' (write the caption yourself), negative '{PASD_NEGATIVE}', "
+            "init latent noised twice (t=999, then 900), per-step latent tiling at 320 latent px with 8 px overlap (a 4096 "
+            "output is 512 latent px: 4 tiles), wavelet colour fix after decode.\n"
+            "VRAM: estimated from the weights, not measured: SD1.5 fp16 1.7 GB + ControlNet 0.7 GB + full PASD's PACA 0.5 GB, plus "
+            "the activations of one 320x320-latent tile (PACA attends over all 102400 tokens of a tile in the top decoder level).\n"
+            "Time: not measured (no GPU here): 20 steps x 4 tiles, each a UNet + ControlNet call on cond and uncond.")
+
+
 BUILDERS = [sdxl_4096_redilate_ndcfg, sdxl_4096_cutdiffusion, sdxl_4096_lr_guided, sdxl_2048x4096_cutdiffusion,
-            sd15_2048_scalecrafter, toy_world_4x_compare, flux_4096_urae]
+            sd15_2048_scalecrafter, toy_world_4x_compare, flux_4096_urae, sd15_pasd_4x_upscale]
 
 
 # ---- thumbnail ----------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import torch
 
 import host
 from ultrares.patches import cutdiffusion as cd
+from ultrares.patches import pasd
 from ultrares.patches import scalecrafter as sc
 from ultrares.patches import urae
 from ultrares.patches.lr_guidance import global_stride
@@ -179,6 +180,7 @@ def test_pure_functions_match_the_python(browser):
     ratios = [(3, 1.0), (3, 1.5), (3, 2.0), (3, 3.0), (4, 2.5), (4, 4.0), (4, 6.0), (3, 8.0)]
     decays = [(4.0, 0.0), (4.0, 0.5), (4.0, 0.9), (3.0, 0.34), (2.5, 0.7)]
     tokens = [4608, 16384 + 512, 65536 + 512, 1000]
+    pasd_tiles = [(512, 320, 8), (320, 320, 8), (700, 320, 8), (32, 20, 8), (64, 16, 0)]
     strides = [((128, 128), (64, 64), 0), ((256, 128), (64, 64), 0), ((96, 96), (64, 64), 0), ((100, 60), (40, 40), 0),
                ((128, 128), (64, 64), 3)]
     js = browser.page.evaluate("""async ([url, c]) => {
@@ -193,9 +195,10 @@ def test_pure_functions_match_the_python(browser):
           scales: c.tokens.map(t => M.proportionalAttentionScale(t)),
           strides: c.strides.map(([h, l, g]) => M.lrGlobalStride(h, l, g)),
           rounds: [0.5, 1.5, 2.5, -0.5, 2.4, 2.6].map(M.pyRound),
+          pasdTiles: c.pasd.map(([n, t, o]) => M.pasdTileOrigins(n, t, o)),
           presets: {16: M.presetsFor(16), 64: M.presetsFor(64)}, targets: M.SIZE_PRESETS,
         };
-    }""", [MATH, dict(sizes=sizes, splits=splits, ratios=ratios, decays=decays, tokens=tokens, strides=strides)])
+    }""", [MATH, dict(sizes=sizes, splits=splits, ratios=ratios, decays=decays, tokens=tokens, strides=strides, pasd=pasd_tiles)])
 
     assert [(r["stride"], r["padded"]) for r in js["lattice"]] == [cd.lattice(s, p) for s, p in sizes]
     for (h, w, p, o), plan in zip(splits, js["splits"]):
@@ -218,6 +221,7 @@ def test_pure_functions_match_the_python(browser):
     for (high, low, stride), got in zip(strides, js["strides"]):
         assert got == global_stride(high, low, stride), (high, low, stride)
     assert js["rounds"] == [round(x) for x in (0.5, 1.5, 2.5, -0.5, 2.4, 2.6)]
+    assert js["pasdTiles"] == [pasd.tile_origins(n, t, o) for n, t, o in pasd_tiles]
     for multiple, presets in js["presets"].items():
         for (w, h), (tw, th) in zip(presets, js["targets"]):
             assert w % int(multiple) == 0 and h % int(multiple) == 0

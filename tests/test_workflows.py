@@ -12,6 +12,8 @@
     conditioning (ComfyUI's FLUX detection needs the full width); ae.safetensors is a 16-channel
     TAESD and the URAE adapters are tiny ones at the real file names, so the VAE Loader, LoRA
     loader and 4K Adapter Loader run unchanged. Size x1/32 (4096 -> 128 px).
+  * PASD (SD1.5 4x upscale): the toy world with PASD files of its shapes, x1/16 (4096 -> 256 px), the
+    tile size scaled alike, so the 4K path (tiles) runs.
   * every KSampler runs 4 steps instead of 20-50.
 - The client: success (images downloaded, CLI), a validation error, a failed run, an
   interrupted run, an unreachable server.
@@ -160,6 +162,14 @@ def with_tiny_models(api: dict) -> tuple[dict, float]:
             inputs["steps"] = TEST_STEPS
         elif kind == "UltraResRedilateModel":  # the toy world is SD1.x with 3 levels: no reference preset fits it
             inputs["preset"] = "auto (from latent size)"
+    if any(n["class_type"] == "UltraResPASDUNetLoader" for n in api.values()):
+        factor = 1 / 16  # PASD: 4096 -> 256 px, the toy's native size (full PACA attends over every latent px)
+    for node in api.values():
+        kind, inputs = node["class_type"], node["inputs"]
+        if kind == "ImageScale":
+            inputs["width"], inputs["height"] = int(inputs["width"] * factor), int(inputs["height"] * factor)
+        elif kind == "UltraResPASDTiledSampling":
+            inputs["tile_size"] = int(inputs["tile_size"] * factor)  # 512 > 320 latent px at 4K: the tiled path here too
     return api, factor
 
 

@@ -176,3 +176,38 @@ def urae_4k_adapter(seed: int = 4, hidden: int = FLUX_DIT["hidden_size"]) -> dic
             sd[f"{block}.attn.processor.{p}_a.weight"] = torch.randn(URAE_RANK, hidden, generator=g) * 0.1
             sd[f"{block}.attn.processor.{p}_b.weight"] = torch.randn(hidden, URAE_RANK, generator=g) * 0.1
     return sd
+
+
+# ---- PASD files in the released layouts, for any SD1.5-family model's shapes -----------------------
+
+def pasd_unet_file(model, variant="PASD", seed=0, only=None, zero=False) -> dict:
+    """Released-layout PACA keys for `model`'s decoder; random weights (or zeros), on `only` layers nonzero."""
+    from ultrares.nodes import pasd as pasd_nodes
+    from ultrares.patches import pasd
+
+    unet = model.model.diffusion_model
+    layers = pasd_nodes.decoder_of(model)
+    keys = pasd.released_keys(variant, layers, pasd_nodes.text_transformer_depths(unet))
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for k, shape in keys.items():
+        position = k.split(".")[1], k.split(".")[3]
+        index = next(l.index for l in layers if (str(l.up_block), str(l.layer)) == position)
+        value = torch.randn(shape, generator=g) / (shape[1] ** 0.5 if len(shape) > 1 else 50) + (1.0 if "norm" in k and k.endswith("weight") else 0.0)
+        if zero or (only is not None and index not in only and (k.endswith("proj_out.weight") or k.endswith("proj_out.bias") or "to_out" in k)):
+            value = torch.zeros(shape)  # a layer whose output projection is zero adds nothing
+        out[k] = value
+    return out
+
+
+def pasd_controlnet_file(model, seed=1) -> dict:
+    """A random ControlNet for `model` in PASD's diffusers layout (zero convs non-zero, so residuals matter)."""
+    import comfy.cldm.cldm
+    from ultrares.nodes import pasd as pasd_nodes
+
+    config = dict(model.model.model_config.unet_config)
+    config.pop("out_channels")
+    net = init_parameters(comfy.cldm.cldm.ControlNet(**config, hint_channels=3), seed)
+    sd = pasd_nodes.controlnet_to_diffusers(config, net.state_dict())
+    sd["controlnet_cond_embedding.to_rgbs.0.weight"] = torch.zeros(3, 32, 3, 3)
+    return sd

@@ -44,8 +44,9 @@ def draw(canvas: torch.Tensor, kind: torch.Tensor, centre: torch.Tensor, radius:
     return canvas * (1 - inside) + colour[:, :, None, None] * inside
 
 
-def sample(batch: int, gen: torch.Generator, kinds: torch.Tensor | None = None):
-    """(pictures, kinds): a batch of random scenes, reproducible from the generator."""
+def sample(batch: int, gen: torch.Generator, kinds: torch.Tensor | None = None, scale: int = 1):
+    """(pictures, kinds): a batch of random scenes, reproducible from the generator. `scale` renders the
+    same scenes (same draws) at scale x SIZE: the ground truth of super-resolution."""
     rand = lambda *shape: torch.rand(*shape, generator=gen)
     kind = torch.randint(0, 3, (batch,), generator=gen) if kinds is None else kinds
     centre = SIZE / 2 + (rand(batch, 2) * 2 - 1) * JITTER
@@ -61,7 +62,8 @@ def sample(batch: int, gen: torch.Generator, kinds: torch.Tensor | None = None):
     weak = _contrast(colour, bg_a, bg_b) < MIN_CONTRAST
     bg_b[weak] = bg_a[weak]  # rare: fall back to a flat background
     colour[weak] = torch.where(bg_a[weak] > 0, -1.0, 1.0)
-    return draw(gradient(bg_a, bg_b, rand(batch) * 2 * math.pi), kind, centre, radius, colour), kind
+    angle = rand(batch) * 2 * math.pi
+    return draw(gradient(bg_a, bg_b, angle, SIZE * scale), kind, centre * scale, radius * scale, colour), kind
 
 
 def _contrast(colour, bg_a, bg_b):

@@ -7,7 +7,7 @@ import * as M from "./ultrares_math.js";
 
 const INFO_NODES = new Set([
   "UltraResPatchSplit", "UltraResPixelInteraction", "UltraResRedilateModel", "UltraResNoiseDampedCFG",
-  "UltraResLRConditionInjector", "UltraResURAEFlux", "UltraResExactVAEDecode",
+  "UltraResLRConditionInjector", "UltraResURAEFlux", "UltraResExactVAEDecode", "UltraResPASDTiledSampling",
 ]);
 const LINE_HEIGHT = 15;
 const MAX_HOPS = 64; // graph walks stop here (cycles cannot occur, but subgraph oddities might)
@@ -219,6 +219,21 @@ function uraeInfo(node, size) {
   return { lines, data: { size, tokens, scale, target } };
 }
 
+function pasdTilesInfo(node, size) {
+  const [h, w] = size;
+  const tile = value(node, "tile_size");
+  if (h * w <= tile * tile) return { lines: [`${px(size)}: fits one ${tile}x${tile} tile, sampled whole`], data: { size, grid: [1, 1] } };
+  const side = Math.min(tile, h, w);
+  const overlap = value(node, "tile_overlap");
+  const rows = M.pasdTileOrigins(h, side, overlap).length;
+  const cols = M.pasdTileOrigins(w, side, overlap).length;
+  return {
+    lines: [`${px(size)}: ${rows}x${cols} = ${rows * cols} tiles of ${side} latent px (${side * M.LATENT_PX} px) per step`,
+      `hint cropped with each tile, overlap ${overlap} latent px`],
+    data: { size, grid: [rows, cols], side },
+  };
+}
+
 function exactDecodeInfo(node) {
   const src = source(node, "samples");
   const size = src && latentSize(src.node);
@@ -246,6 +261,7 @@ export function nodeInfo(node) {
     case "UltraResNoiseDampedCFG": return noiseDampedInfo(node, size, chain, sampler);
     case "UltraResLRConditionInjector": return lrInjectorInfo(node, size);
     case "UltraResURAEFlux": return uraeInfo(node, size);
+    case "UltraResPASDTiledSampling": return pasdTilesInfo(node, size);
   }
   return { lines: [], data: {} };
 }

@@ -109,6 +109,15 @@ export function tileGrid(heightPx, widthPx, tile) {
   return [Math.ceil(heightPx / tile), Math.ceil(widthPx / tile)];
 }
 
+// PASD Tiled Sampling's tile starts along one side (patches/pasd.py tile_origins): every tile - overlap
+// latent px, the last one flush with the end.
+export function pasdTileOrigins(length, tile, overlap) {
+  if (length <= tile) return [0];
+  const starts = [];
+  for (let s = 0; s < length - tile; s += tile - overlap) starts.push(s);
+  return [...starts, length - tile];
+}
+
 // The nearest multiple of `multiple` (at least one): SD UNets need 64 px (three 2x downsamplings of
 // an 8x latent), FLUX/SD3 16 px (8x latent, 2x2 patches).
 export function snap(px, multiple) {
