@@ -114,6 +114,16 @@ def test_noise_damped_cfg_reference_schedule_runs_and_an_inverted_custom_window_
     assert ("Noise-Damped CFG: input 'start_percent': 0.6 is after end_percent 0.1. Fix: set start_percent <= end_percent") in error
 
 
+def test_prompts_written_before_the_fidelity_defaults_still_run(comfy_server):
+    """An API prompt from before: sdxl_layers at its old default 'intended', no window_unit, no schedule on
+    Noise-Damped CFG (the optional inputs take their defaults)."""
+    graph = redilate_graph(comfy_server, ndcfg={}, sdxl_layers="intended")
+    for key in ("4", "7"):
+        for name in ("window_unit", "schedule") if key == "7" else ("window_unit",):
+            del graph[key]["inputs"][name]
+    comfy_server.run_prompt(graph)
+
+
 def test_redilate_at_native_size_says_it_changes_nothing(comfy_server):
     comfy_server.run_prompt(dict(redilate_graph(comfy_server), **{
         "2": node(comfy_server, "EmptyLatentImage", width=256, height=256, batch_size=1)}))
