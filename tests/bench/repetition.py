@@ -17,7 +17,7 @@ LR-Guided Sampler, the exact form, wrapping the same sampler). Per method and sc
   clean_rate       share that read as "gradient + flat objects" (tests/toy_world/measure.py; clean_ci: Wilson 95%)
   contrast         mean over pictures of the RGB standard deviation (native pictures ~0.5; a washed-out,
                    greyed picture has little)
-  sec_per_image    wall seconds of sampling per picture (2 torch threads)
+  sec_per_image    wall seconds of sampling per picture (--threads torch threads)
   lr_mse           LR-guided methods and img2img: MSE between the result, averaged down to the
                    native size, and the native-size picture it was guided by (lower = more faithful)
 """
@@ -48,10 +48,10 @@ def node(node_id, **inputs):
     return host.run_node(host.load_nodes()[node_id], **inputs)
 
 
-def redilate(model, schedule="reference", end_percent=0.7, dispersion_end_percent=0.0):
+def redilate(model, schedule="reference", end_percent=0.7, dispersion_end_percent=0.0, decay="reference"):
     return node("UltraResRedilateModel", model=model, preset="auto (from latent size)", sdxl_layers="intended",
                 schedule=schedule, start_percent=0.0, end_percent=end_percent, progressive=True, native_latent_size=0,
-                dilation=0.0, dispersion_start_percent=0.0, dispersion_end_percent=dispersion_end_percent)[0]
+                dilation=0.0, dispersion_start_percent=0.0, dispersion_end_percent=dispersion_end_percent, decay=decay)[0]
 
 
 def ndcfg(model, **redilation):
@@ -69,10 +69,10 @@ def cutdiffusion(model, switch_at=0.5, padding="reflect"):
     return node("UltraResPixelInteraction", model=patch_split(model, switch_at, padding), seed=0)[0]
 
 
-def lr_inject(model, low_res, seed, global_strength=0.0, alpha1=3.0, alpha2=1.0):
+def lr_inject(model, low_res, seed, global_strength=0.0, alpha1=3.0, alpha2=1.0, fade="demofusion"):
     return node("UltraResLRConditionInjector", model=model, low_res_latent={"samples": low_res}, seed=seed,
                 skip_strength=1.0, alpha1=alpha1, global_strength=global_strength, alpha2=alpha2, blur_sigma=0.8, alpha3=1.0,
-                global_stride=0, upscale_method="bicubic", start_percent=0.0, end_percent=1.0)[0]
+                global_stride=0, upscale_method="bicubic", start_percent=0.0, end_percent=1.0, fade=fade)[0]
 
 
 # "-hold": slow decays, so the LR guidance holds through most of the steps (for big jumps such as 4x)
@@ -85,6 +85,9 @@ METHODS = {
     "redilate+ndcfg": (lambda m, lr, s: ndcfg(m), 1.0, False),
     # custom schedule: re-dilated (progressively, down to 2) through every step, not only the first 70%
     "redilate-all-steps": (lambda m, lr, s: redilate(m, "custom", 1.0), 1.0, False),
+    # ... with the factors easing as a fractional cosine, to 2 or to undilated by the last step (Re-dilate's decay)
+    "redilate-all-steps-cosine2": (lambda m, lr, s: redilate(m, "custom", 1.0, decay="cosine to 2"), 1.0, False),
+    "redilate-all-steps-cosine1": (lambda m, lr, s: redilate(m, "custom", 1.0, decay="cosine to 1"), 1.0, False),
     "redilate-all-steps+dispersion": (lambda m, lr, s: redilate(m, "custom", 1.0, 0.3), 1.0, False),
     "redilate-all-steps+ndcfg": (lambda m, lr, s: ndcfg(m, schedule="custom", end_percent=1.0), 1.0, False),
     "multidiffusion": (lambda m, lr, s: patch_split(m, 0.0), 1.0, False),
@@ -96,13 +99,16 @@ METHODS = {
     "lr_inject": (lambda m, lr, s: lr_inject(m, lr, s), 1.0, False),
     "lr_inject+global": (lambda m, lr, s: lr_inject(m, lr, s, global_strength=1.0), 1.0, False),
     "lr_inject+global-hold": (lambda m, lr, s: lr_inject(m, lr, s, 1.0, **HOLD), 1.0, False),
+    # the same slow decays on the share of steps done instead of the timestep (the injector's fade)
+    "lr_inject+global-hold-stepcos": (lambda m, lr, s: lr_inject(m, lr, s, 1.0, **HOLD, fade="step cosine"), 1.0, False),
     # LR-guided CutDiffusion: the injector on top of Patch Split + Pixel Interaction
     "lr_inject+global-hold+cutdiffusion": (lambda m, lr, s: lr_inject(cutdiffusion(m), lr, s, 1.0, **HOLD), 1.0, False),
     "img2img@1.0": (lambda m, lr, s: m, 1.0, True),
     "img2img@0.6": (lambda m, lr, s: m, 0.6, True),
 }
 # sampled through the LR-Guided Sampler
-LR_GUIDED = {"lr_inject", "lr_inject+global", "lr_inject+global-hold", "lr_inject+global-hold+cutdiffusion"}
+LR_GUIDED = {"lr_inject", "lr_inject+global", "lr_inject+global-hold", "lr_inject+global-hold-stepcos",
+             "lr_inject+global-hold+cutdiffusion"}
 GUIDED = LR_GUIDED | {"img2img@1.0", "img2img@0.6"}  # start from or follow the native picture: lr_mse
 
 
@@ -173,10 +179,11 @@ def main(argv=None):
     p.add_argument("--save-latents", type=pathlib.Path, help="also save every method's latents here (safetensors)")
     p.add_argument("--cfg", type=float, default=CFG, help=f"guidance scale of every entry (default: the toy world's {CFG:g})")
     p.add_argument("--resume", action="store_true", help="keep the entries --json already holds; measure only the rest")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (1 on a busy shared machine: no oversubscription)")
     args = p.parse_args(argv)
     cfg = args.cfg
     suffix = "" if cfg == CFG else f"-cfg{cfg:g}"  # another guidance scale: entries of their own
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     comfy.utils.PROGRESS_BAR_ENABLED = False
     worlds = {}
     for shape in toy_world.SHAPES:

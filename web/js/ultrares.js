@@ -167,7 +167,8 @@ function redilateInfo(node, size, chain, sampler) {
   const lines = [`${px(size)} / native ${side} latent px (${how}): ratio ${fmt(plan.ratio)}`];
   if (split) lines.push(`sees ${seen} latent px patches (Patch Split is applied before it)`);
   lines.push(`dilation per level 0..deepest, mid: ${plan.perLevel.map(fmt).join(", ")}`);
-  lines.push(`until ${Math.round(end * 100)}% of steps${progressive ? ", decaying (progressive)" : ""}`);
+  const decay = value(node, "decay") || "reference";
+  lines.push(`until ${Math.round(end * 100)}% of steps${progressive ? `, decaying (progressive, ${decay})` : ""}`);
   return { lines, data: { size, native: side, seen, end, progressive, ...plan } };
 }
 
