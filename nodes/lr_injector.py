@@ -9,7 +9,7 @@ import comfy.patcher_extension
 import comfy.samplers
 from comfy_api.v0_0_2 import io
 
-from ..patches.lr_guidance import ASPECT_MODES, KEY, UPSCALE_METHODS, GuidanceSchedule, LRGuidance
+from ..patches.lr_guidance import ASPECT_MODES, FADES, KEY, UPSCALE_METHODS, GuidanceSchedule, LRGuidance
 from ..patches.schedule import SigmaWindow
 from ..samplers.lr_guided import lr_guided_sampler
 from .common import category, input_error, native_latent_size, percent_inputs
@@ -74,13 +74,19 @@ class LRConditionInjector(io.ComfyNode):
                     "A low-res latent of another aspect ratio than the sampled one: 'refuse' stops with an error naming "
                     "both sizes; 'center crop' guides with its largest centred part of the target's aspect ratio; "
                     "'stretch' upsamples it to the target as it is (the picture is distorted).")),
+                io.Combo.Input("fade", options=list(FADES), default="demofusion", optional=True, tooltip=(
+                    "What the skip and global weights fade with (c = strength * f^alpha). 'demofusion': "
+                    "f = cf(t) of the model timestep. 'step cosine' / 'step linear': f = (1 + cos(pi i/n))/2 or "
+                    "1 - i/n of the steps done in the guidance range, which keeps more weight in the late steps "
+                    "of schedules such as karras. The blur always fades with cf(t).")),
             ],
             outputs=[io.Model.Output(tooltip="The model with the low-res guidance attached.")],
         )
 
     @classmethod
     def execute(cls, model, low_res_latent, seed, skip_strength, alpha1, global_strength, alpha2, blur_sigma, alpha3,
-                global_stride, upscale_method, start_percent, end_percent, aspect_mismatch="refuse") -> io.NodeOutput:
+                global_stride, upscale_method, start_percent, end_percent, aspect_mismatch="refuse",
+                fade="demofusion") -> io.NodeOutput:
         error = functools.partial(input_error, INJECTOR)
         samples = low_res_latent.get("samples") if isinstance(low_res_latent, dict) else None
         if samples is None or samples.ndim != 4:
@@ -102,7 +108,7 @@ class LRConditionInjector(io.ComfyNode):
         if start_percent > end_percent:
             raise error("end_percent", f"end ({end_percent}) is before start ({start_percent})", "set end_percent >= start_percent")
 
-        schedule = GuidanceSchedule(skip_strength, alpha1, global_strength, alpha2, blur_sigma, alpha3)
+        schedule = GuidanceSchedule(skip_strength, alpha1, global_strength, alpha2, blur_sigma, alpha3, fade)
         window = SigmaWindow.from_percents(model.get_model_object("model_sampling"), start_percent, end_percent)
         guidance = LRGuidance(samples.detach().clone(), schedule, seed, window, upscale_method, global_stride, error, aspect_mismatch)
 

@@ -113,6 +113,11 @@ class RedilateModel(io.ComfyNode):
                 io.Float.Input("dilation", default=0.0, min=0.0, max=16.0, step=0.05,
                                tooltip="Auto preset: the deepest level's factor instead of the measured resolution ratio "
                                        "(0 = measure; at least 1)."),
+                io.Combo.Input("decay", options=list(sc.DECAYS), default="reference", optional=True,
+                               tooltip="Shape of the progressive decay. 'reference': integer steps down to 2, "
+                                       "d_i = max(ceil(d (1 - i/n)), 2). 'cosine to 2' / 'cosine to 1': fractional, "
+                                       "d_i = f + (d - f)(1 + cos(pi i/n))/2, holding the full field while the layout forms "
+                                       "and easing to f (2, or undilated) as detail is drawn."),
                 percent("dispersion_start_percent", 0.0, "Where dispersed 5x5 convolutions start (0 = first step)."),
                 percent("dispersion_end_percent", 0.0,
                         "Where dispersed convolutions stop. 0 = off (as every released reference config). Dispersion replaces "
@@ -125,7 +130,7 @@ class RedilateModel(io.ComfyNode):
     @classmethod
     def execute(cls, model, preset, sdxl_layers, schedule, start_percent, end_percent, progressive,
                 native_latent_size, dilation, dispersion_start_percent, dispersion_end_percent,
-                window_unit=windows.WINDOW_UNITS[0]) -> io.NodeOutput:
+                window_unit=windows.WINDOW_UNITS[0], decay="reference") -> io.NodeOutput:
         unet, config = unet_of(model, REDILATE)
         sites = checked_sites(unet, config, REDILATE)
         levels = len(config["channel_mult"])
@@ -161,7 +166,7 @@ class RedilateModel(io.ComfyNode):
         sampling = model.get_model_object("model_sampling")
         redilation = sc.Redilation(
             sites, levels, windows.window(window_unit, sampling, start, end, REDILATE),
-            windows.window(window_unit, sampling, dispersion_start_percent, dispersion_end_percent, REDILATE), prog, **tables)
+            windows.window(window_unit, sampling, dispersion_start_percent, dispersion_end_percent, REDILATE), prog, decay=decay, **tables)
 
         m = model.clone()
         m.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY)  # re-applying replaces

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+
 KEY = "ultrares.lr_inject"
 # Set in transformer_options by the LR-Guided Sampler: it blends the state itself.
 STATE_BLENDED = "ultrares.lr_inject.state_blended"
@@ -54,6 +55,12 @@ def center_crop(latent: torch.Tensor, target) -> torch.Tensor:
     return latent[..., (w - cols) // 2:(w - cols) // 2 + cols]
 
 
+# What c1 and c2 fade with: DemoFusion's cf(t) of the model timestep, or the share p = i / n of the
+# window's sampling steps already done ((1 + cos(pi p)) / 2 or 1 - p). On schedules that spend many
+# steps at low sigma (karras) the step-based fades keep more weight in the late steps.
+FADES = ("demofusion", "step cosine", "step linear")
+
+
 def cosine_factor(t: float) -> float:
     """DemoFusion's cf(t): 1 at t = 1000 (pure noise), 0 at t = 0 (clean)."""
     return 0.5 * (1.0 + math.cos(math.pi * (1000.0 - t) / 1000.0))
@@ -69,19 +76,25 @@ class GuidanceSchedule:
     alpha2: float = 1.0
     blur_sigma: float = 0.8
     alpha3: float = 1.0
+    fade: str = "demofusion"  # FADES: what c1 and c2 fade with (the blur always fades with cf(t))
 
-    @staticmethod
-    def _weight(strength: float, alpha: float, t: float) -> float:
-        w = strength * cosine_factor(t) ** alpha
+    def fade_factor(self, t: float, progress: float) -> float:
+        """1 at the start, falling toward 0: cf(t), or the step-based fade of progress = i / n."""
+        if self.fade == "demofusion":
+            return cosine_factor(t)
+        return 0.5 * (1.0 + math.cos(math.pi * progress)) if self.fade == "step cosine" else 1.0 - progress
+
+    def _weight(self, strength: float, alpha: float, t: float, progress: float) -> float:
+        w = strength * self.fade_factor(t, progress) ** alpha
         return w if w >= MIN_WEIGHT else 0.0
 
-    def skip_weight(self, t: float) -> float:
+    def skip_weight(self, t: float, progress: float = 0.0) -> float:
         """c1: how far the state is pulled toward the noised low-res latent."""
-        return self._weight(self.skip_strength, self.alpha1, t)
+        return self._weight(self.skip_strength, self.alpha1, t, progress)
 
-    def global_weight(self, t: float) -> float:
+    def global_weight(self, t: float, progress: float = 0.0) -> float:
         """c2: the share of the dilated global prediction in the denoised estimate."""
-        return self._weight(self.global_strength, self.alpha2, t)
+        return self._weight(self.global_strength, self.alpha2, t, progress)
 
     def blur_std(self, t: float) -> float:
         """sigma * c3: std of the Gaussian blur on the global path's model input."""
@@ -248,14 +261,18 @@ class LRGuidance:
     def timestep(self, model_sampling, sigma: torch.Tensor) -> float:
         return float(model_sampling.timestep(sigma.reshape(-1)[:1]))
 
-    def skip_weight(self, model_sampling, sigma: torch.Tensor) -> float:
+    def progress(self, sigma: torch.Tensor, sample_sigmas) -> float:
+        """i / n of the window's steps done (the step-based fades); sample_sigmas: the run's schedule."""
+        return self.window.progress(float(sigma.reshape(-1)[0]), sample_sigmas) if self.schedule.fade != "demofusion" else 0.0
+
+    def skip_weight(self, model_sampling, sigma: torch.Tensor, sample_sigmas=None) -> float:
         if not self.window.contains(float(sigma.reshape(-1)[0])):
             return 0.0
-        return self.schedule.skip_weight(self.timestep(model_sampling, sigma))
+        return self.schedule.skip_weight(self.timestep(model_sampling, sigma), self.progress(sigma, sample_sigmas))
 
-    def blend_state(self, x: torch.Tensor, sigma: torch.Tensor, model) -> torch.Tensor:
+    def blend_state(self, x: torch.Tensor, sigma: torch.Tensor, model, sample_sigmas=None) -> torch.Tensor:
         """x <- (1 - c1) x + c1 z'(sigma); `model` is ComfyUI's BaseModel (model_sampling, latent format)."""
-        c1 = self.skip_weight(model.model_sampling, sigma)
+        c1 = self.skip_weight(model.model_sampling, sigma, sample_sigmas)
         if c1 <= 0:
             return x
         x0_up, noise = self.targets(x, model.process_latent_in)
@@ -270,15 +287,16 @@ class LRGuidance:
         if not self.window.contains(sigma):
             return executor(x, timestep, model_options, seed)
         transformer_options = model_options.get("transformer_options", {})
+        sample_sigmas = transformer_options.get("sample_sigmas")
         x_in, sigma_next = x, None
         if not transformer_options.get(STATE_BLENDED):
-            sigma_next = next_sigma(transformer_options.get("sample_sigmas"), sigma)
+            sigma_next = next_sigma(sample_sigmas, sigma)
             if sigma_next is not None:
-                x_in = self.blend_state(x, timestep, model)
+                x_in = self.blend_state(x, timestep, model, sample_sigmas)
         denoised = executor(x_in, timestep, model_options, seed)
 
         t = self.timestep(model.model_sampling, timestep)
-        c2, stride = self.schedule.global_weight(t), self.stride_for(x.shape)
+        c2, stride = self.schedule.global_weight(t, self.progress(timestep, sample_sigmas)), self.stride_for(x.shape)
         if c2 > 0 and stride >= 2:
             n = stride * stride
             sub_timestep = timestep.repeat(n)

@@ -243,10 +243,20 @@ PRESETS: dict[str, Preset] = {
 }
 
 
-def progressive_dilation(d: float, done: float) -> float:
-    """The reference's progressive decay: d_i = max(ceil(d (tau - i) / tau), 2) where
-    done = i / tau; below 2 the factor is kept as it is (the reference never goes there)."""
-    return max(math.ceil(d * (1.0 - done) - 1e-9), min(d, 2.0))
+# Progressive decay shapes: the reference's integer steps, or a fractional cosine fade that holds
+# the full field while the layout forms and eases toward the floor as detail is drawn.
+DECAYS = ("reference", "cosine to 2", "cosine to 1")
+
+
+def progressive_dilation(d: float, done: float, decay: str = "reference") -> float:
+    """The factor after `done` = i / tau of the window's steps. The reference's decay:
+    d_i = max(ceil(d (tau - i) / tau), 2); below 2 the factor is kept as it is (the reference never
+    goes there). 'cosine to f': d_i = f + (d - f) (1 + cos(pi i / tau)) / 2, fractional (floor f =
+    min(d, 2) or 1)."""
+    if decay == "reference":
+        return max(math.ceil(d * (1.0 - done) - 1e-9), min(d, 2.0))
+    floor = min(d, 2.0) if decay == "cosine to 2" else 1.0
+    return floor + (d - floor) * 0.5 * (1.0 + math.cos(math.pi * done))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -288,6 +298,7 @@ class Redilation:
     ratio: float = 0.0  # auto mode with a fixed deepest-level dilation instead of the measured ratio
     preset: str = ""  # the preset's name ("" = auto)
     ndcfg: bool = True  # whether the reference pairs these tables with noise-damped guidance
+    decay: str = "reference"  # progressive decay shape (DECAYS)
     _auto: dict = field(default_factory=dict, repr=False)
 
     def tables(self, size) -> tuple[Table, Table, frozenset]:
@@ -318,8 +329,9 @@ class Redilation:
         for site in self.sites:
             d = chosen.get(site.slot, 1.0)
             if d > 1.0:
-                d = progressive_dilation(d, done) if progressive else d
-                plan[site.path] = ConvSetting(d, dispersing and site.slot in disperse)
+                d = progressive_dilation(d, done, self.decay) if progressive else d
+                if d > 1.0:  # a cosine fade to 1 ends undilated
+                    plan[site.path] = ConvSetting(d, dispersing and site.slot in disperse)
         return plan
 
     def __call__(self, executor, x, t, *args, **kwargs):

@@ -53,7 +53,7 @@ def lr_guided_sampler(inner: comfy.samplers.KSAMPLER, error) -> comfy.samplers.K
         base_model = model.inner_model.inner_model  # KSamplerX0Inpaint -> guider -> BaseModel
         guidance.check_target(x.shape)
         steps = len(sigmas) - 1
-        weighted = [i for i in range(steps) if guidance.skip_weight(base_model.model_sampling, sigmas[i]) > 0]
+        weighted = [i for i in range(steps) if guidance.skip_weight(base_model.model_sampling, sigmas[i], sigmas) > 0]
         n_single = weighted[-1] + 1 if weighted else 0
 
         args = _flag_state_blended(extra_args)
@@ -62,7 +62,7 @@ def lr_guided_sampler(inner: comfy.samplers.KSAMPLER, error) -> comfy.samplers.K
             options["noise_sampler"] = comfy.k_diffusion.sampling.default_noise_sampler(x, seed=extra_args.get("seed"))
         for i in range(n_single):
             comfy.model_management.throw_exception_if_processing_interrupted()
-            x = guidance.blend_state(x, sigmas[i], base_model)
+            x = guidance.blend_state(x, sigmas[i], base_model, sigmas)
             x = step_fn(model, x, sigmas[i:i + 2], extra_args=args, callback=_shifted(callback, i), disable=True, **options)
         if n_single < steps:
             x = step_fn(model, x, sigmas[n_single:], extra_args=args, callback=_shifted(callback, n_single), disable=disable, **options)

@@ -281,8 +281,10 @@ def toy_world_4x_compare(g):
         save((ksampler(model, title, **changes), 0), prefix)
 
     branch(toy, "Sampler (direct)", "direct")
-    # re-dilated through every step (custom schedule): the setting that passed at 4x on this model (README)
-    branch(g.add("UltraResRedilateModel", model=(toy, 0), schedule="custom", end_percent=1.0), "Sampler (re-dilated)", "redilate")
+    # re-dilated through every step (custom schedule), factors easing as a cosine to 2: chosen on the tuning
+    # seeds, reported on held-out ones (docs/repetition.md)
+    branch(g.add("UltraResRedilateModel", model=(toy, 0), schedule="custom", end_percent=1.0, decay="cosine to 2"),
+           "Sampler (re-dilated)", "redilate")
     # CutDiffusion at the guidance that passed at 4x on this model: CFG 6 (the reference samples at 7.5),
     # stage 2 from 0.75 of the steps (README)
     split = g.add("UltraResPatchSplit", model=(toy, 0), switch_at=0.75)
@@ -301,7 +303,7 @@ def toy_world_4x_compare(g):
     return ("Toy world at 4x: one disk asked for, 1024x1024 px (the toy model is trained at 256x256).\n\n"
             "Needs: nothing to download - the pack's own 1.4M-parameter model (nodes/toy_world.safetensors). Runs on a CPU.\n"
             "Four branches from the same seed: direct sampling (repeats the object); Re-dilate Model (auto dilation from "
-            "the latent size, active through every step); CutDiffusion (Patch Split + Pixel Interaction at the native size, "
+            "the latent size, active through every step, decaying as a cosine to 2); CutDiffusion (Patch Split + Pixel Interaction at the native size, "
             "stage 2 from 0.75 of the steps, CFG 6: at CFG 2 its stage 1 greys the picture); "
             "LR-guided (a 256x256 picture guides the 4x pass: LR Condition Injector with the dilated global path, "
             "alpha1 = alpha2 = 0.25, through the LR-Guided Sampler). "

@@ -199,10 +199,11 @@ def test_skip_weights_follow_the_schedule(sd15_run):
             assert m == pytest.approx(e, rel=1e-3, abs=1e-4)
 
 
-def test_model_patch_is_exact_for_euler(sd15_run):
+@pytest.mark.parametrize("fade", ["demofusion", "step cosine"])
+def test_model_patch_is_exact_for_euler(sd15_run, fade):
     """For euler the model-patch form (blend the model input, return the Euler-consistent estimate)
-    lands on the same result as blending the sampler state."""
-    guided = sd15_run.inject(alpha1=1.0)
+    lands on the same result as blending the sampler state (both forms see the same step fade)."""
+    guided = sd15_run.inject(alpha1=1.0, fade=fade)
     patch, exact = sd15_run.ksampler(guided), sd15_run.custom(guided)
     torch.testing.assert_close(patch, exact, rtol=1e-4, atol=1e-4 * float(exact.abs().max()))
 
@@ -234,6 +235,22 @@ def test_global_path_weights_and_blur_follow_the_schedule(sd15_run):
         d_global = o.x - (blurred - lg.from_sublattices(sub.out, 2))
         c2 = cf ** alpha2
         torch.testing.assert_close(o.out, (1 - c2) * local.out + c2 * d_global, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("fade", ["step cosine", "step linear"])
+def test_step_fades_follow_the_share_of_steps_done(sd15_run, fade):
+    """c1 = f(i/n)^alpha1 over the n steps of the run, whatever the timestep; the global path's c2 too."""
+    outer, inner = [], []
+    steps, alpha1 = 5, 0.5
+    model = with_probe(sd15_run.inject(with_probe(sd15_run.model, outer, key="test.outer"), alpha1=alpha1, fade=fade), inner)
+    sd15_run.ksampler(model, steps=steps)
+    f = (lambda p: (1 + math.cos(math.pi * p)) / 2) if fade == "step cosine" else (lambda p: 1 - p)
+    expected = [f(i / steps) ** alpha1 for i in range(steps)]
+    measured = [blend_weight(o.x, i.x, sd15_run.noised_target(o.sigma)) for o, i in zip(outer, inner)]
+    assert len(measured) == steps and measured == pytest.approx(expected, rel=1e-3, abs=1e-4)
+    s = lg.GuidanceSchedule(global_strength=0.5, alpha2=2.0, fade=fade)
+    assert s.global_weight(1000, 0.25) == pytest.approx(0.5 * f(0.25) ** 2)  # the timestep plays no part
+    assert s.global_weight(0, 0.25) == s.global_weight(1000, 0.25) and s.blur_std(0) == pytest.approx(0.008)
 
 
 def test_window_limits_the_guidance(sd15_run):

@@ -163,6 +163,30 @@ def test_progressive_schedule_reproduces_the_reference_steps():
     assert sc.progressive_dilation(1.5, 0.5) == 1.5  # below 2 the factor is kept
 
 
+def test_cosine_decays_hold_then_ease_to_their_floor():
+    # d_i = f + (d - f)(1 + cos(pi i/n))/2: the full factor at the first step, the mean of d and f halfway
+    for decay, floor in (("cosine to 2", 2.0), ("cosine to 1", 1.0)):
+        got = [sc.progressive_dilation(4, i / 20, decay) for i in range(21)]
+        assert got[0] == 4 and got[10] == pytest.approx((4 + floor) / 2) and got[20] == pytest.approx(floor)
+        assert got[5] == pytest.approx(floor + (4 - floor) * (1 + math.sqrt(0.5)) / 2)
+        assert all(a > b for a, b in zip(got, got[1:]))  # fractional: no plateaus
+    assert sc.progressive_dilation(1.5, 0.5, "cosine to 2") == 1.5  # the floor never lifts a factor below 2
+    assert sc.progressive_dilation(3, 0.0, "reference") == sc.progressive_dilation(3, 0.0) == 3
+
+
+def test_cosine_decay_plan_on_the_sampler_schedule_ends_undilated(sd15):
+    m = redilate(sd15, dilation=4.0, progressive=True, decay="cosine to 1")
+    red = m.get_wrappers(APPLY_MODEL, ns.WRAPPER_KEY)[0]
+    sigmas = torch.linspace(14.0, 0.03, 8).tolist() + [0.0]
+    plans = [red.plan((32, 32), s, {"sample_sigmas": torch.tensor(sigmas)}) for s in sigmas[:-1]]
+    mids = [p.get("middle_block.0.in_layers.2") for p in plans]
+    assert [m.dilation for m in mids] == pytest.approx([sc.progressive_dilation(4, i / 8, "cosine to 1") for i in range(8)])
+    in1 = next(site.path for site in red.sites if site.slot == "in1")  # a shallower level: its own factor, same fade
+    d = sc.auto_table(red.levels, 4.0)["in1"]
+    assert 1 < d < 4 and [p[in1].dilation for p in plans] == pytest.approx([1 + (d - 1) * (1 + math.cos(math.pi * i / 8)) / 2 for i in range(8)])
+    assert redilate(sd15, dilation=4.0, progressive=True).get_wrappers(APPLY_MODEL, ns.WRAPPER_KEY)[0].decay == "reference"
+
+
 def test_progressive_plan_counts_steps_on_the_sampler_schedule(sd15):
     m = redilate(sd15, dilation=4.0, progressive=True)
     red = m.get_wrappers(APPLY_MODEL, ns.WRAPPER_KEY)[0]

@@ -61,6 +61,20 @@ def test_summary_figures():
     readings = [measure.read(scene_with(n, 64, n).numpy()) for n in (1, 1, 2, 3)]
     s = measure.summary(readings)
     assert s["repetition_rate"] == 0.5 and s["mean_objects"] == 1.75 and s["clean_rate"] == 1.0
+    assert s["repetition_ci"] == measure.wilson_interval(2, 4) and s["clean_ci"] == measure.wilson_interval(4, 4)
+
+
+def test_wilson_interval():
+    z2 = 1.96 ** 2
+    assert measure.wilson_interval(0, 33) == (0.0, pytest.approx(z2 / (33 + z2)))  # closed form at 0 successes
+    assert measure.wilson_interval(33, 33) == (pytest.approx(33 / (33 + z2)), 1.0)
+    import scipy.stats
+
+    for k in (1, 10, 20, 32):  # against scipy's own Wilson interval at the same z
+        ref = scipy.stats.binomtest(k, 33).proportion_ci(method="wilson")
+        assert measure.wilson_interval(k, 33, z=scipy.stats.norm.ppf(0.975)) == (pytest.approx(ref.low), pytest.approx(ref.high))
+    lo, hi = measure.wilson_interval(10, 33)
+    assert hi - lo < 0.31  # "33 seeds give about +-0.15"
 
 
 # ------------------------------------------------------------------ the loader, in the real host

@@ -86,14 +86,26 @@ def read_images(images, ratio: int = 8) -> list[Reading]:
     return [read(x.transpose(2, 0, 1) * 2 - 1) for x in small]
 
 
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of a binomial rate (95% for z = 1.96): unlike p +- z sqrt(p(1-p)/n) it
+    stays inside [0, 1] and does not collapse to a point at 0 or n successes."""
+    p, z2 = successes / n, z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z * np.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return max(0.0, float(centre - half)), min(1.0, float(centre + half))
+
+
 def summary(readings: list[Reading]) -> dict:
-    """The benchmark figures of one set of pictures."""
+    """The benchmark figures of one set of pictures (rates with their Wilson 95% intervals)."""
     n = len(readings)
+    repeated, clean = sum(r.objects > 1 for r in readings), sum(r.clean for r in readings)
     return {
-        "repetition_rate": sum(r.objects > 1 for r in readings) / n,
+        "repetition_rate": repeated / n,
+        "repetition_ci": wilson_interval(repeated, n),
         "one_object_rate": sum(r.objects == 1 for r in readings) / n,
         "mean_objects": float(np.mean([r.objects for r in readings])),
         "size_ratio": float(np.mean([r.size_ratio for r in readings])),
-        "clean_rate": sum(r.clean for r in readings) / n,
+        "clean_rate": clean / n,
+        "clean_ci": wilson_interval(clean, n),
         "residual_rms": float(np.median([r.residual_rms for r in readings])),
     }

@@ -169,7 +169,8 @@ function redilateInfo(node, size, chain, sampler) {
   if (plan.passthrough) lines.push("at or below native size: re-dilation changes nothing");
   else {
     lines.push(`dilation per level 0..deepest, mid: ${plan.perLevel.map(fmt).join(", ")}`);
-    lines.push(`until ${Math.round(end * 100)}% of steps${progressive ? ", decaying (progressive)" : ""}`);
+    const decay = value(node, "decay") || "reference";
+    lines.push(`until ${Math.round(end * 100)}% of steps${progressive ? `, decaying (progressive, ${decay})` : ""}`);
   }
   return { lines, data: { size, native: side, seen, end, progressive, ...plan } };
 }
