@@ -325,33 +325,42 @@ def anchors(side: int = 4096, native: int = 1024, steps: int = 50, cfg: float = 
 
 # ---------------------------------------------------------------- the table
 
-def run(workflow_names=None, anchor_names=None, archs=None, configs=None, overrides=None, steps=None, side=4096, log=print) -> dict:
+def run(workflow_names=None, anchor_names=None, archs=None, configs=None, overrides=None, steps=None, side=4096, log=print,
+        save=None) -> dict:
     """Costs of the bundled workflows and anchors. configs/overrides/steps: smaller architectures,
-    node inputs and step counts for a smoke run (the same code path at a tiny size)."""
+    node inputs and step counts for a smoke run (the same code path at a tiny size). save(result)
+    is called after every row (a long run keeps what it has)."""
     configs = configs or {}
     start = time.perf_counter()
-    bases = {}
-    for name in archs or chains.ARCHS:
-        bases[name] = base_eval(chains.ARCHS[name], configs.get(name))
-        log(f"base {name}: {bases[name].flops / 1e12:.3f} TFLOP per evaluation ({time.perf_counter() - start:.0f} s)")
-    rows = []
+    bases, rows = {}, []
+    result = {"base": {}, "rows": rows}
+
+    def base(name):
+        if name not in bases:
+            bases[name] = base_eval(chains.ARCHS[name], configs.get(name))
+            result["base"][name] = dataclasses.asdict(bases[name]) | {"out_dtype": str(bases[name].out_dtype)}
+            log(f"base {name}: {bases[name].flops / 1e12:.3f} TFLOP per evaluation ({time.perf_counter() - start:.0f} s)")
+        return bases[name]
+
+    def add(cost):
+        rows.append(dataclasses.asdict(cost))
+        result["seconds"] = time.perf_counter() - start
+        log(f"{table({'rows': [rows[-1]]}).splitlines()[-1]}  ({result['seconds']:.0f} s)")
+        if save:
+            save(result)
+
     for name, samplings in chains.workflows(workflow_names).items():
         samplings = [dataclasses.replace(s, steps=steps or s.steps) for s in samplings]
         arch = chains.ARCHS[samplings[-1].arch]
-        if arch.name not in bases:
-            bases[arch.name] = base_eval(arch, configs.get(arch.name))
-        rows.append(chain_cost(name, samplings, arch, bases[arch.name], configs.get(arch.name), overrides))
-        log(f"{name}: {rows[-1].base_evals:.0f} base evaluations ({time.perf_counter() - start:.0f} s)")
+        add(chain_cost(name, samplings, arch, base(arch.name), configs.get(arch.name), overrides))
     native = chains.ARCHS["SDXL"].native * 8
     for name, (arch_name, samplings, note) in anchors(side, native, steps or 50).items():
         if anchor_names is not None and name not in anchor_names or samplings is None:
             continue
-        arch = chains.ARCHS[arch_name]
-        bases.setdefault(arch_name, base_eval(arch, configs.get(arch_name)))
-        rows.append(chain_cost(name, samplings, arch, bases[arch_name], configs.get(arch_name), overrides, note))
-        log(f"{name}: {rows[-1].base_evals:.0f} base evaluations ({time.perf_counter() - start:.0f} s)")
-    return {"base": {k: dataclasses.asdict(v) | {"out_dtype": str(v.out_dtype)} for k, v in bases.items()},
-            "rows": [dataclasses.asdict(r) for r in rows], "seconds": time.perf_counter() - start}
+        add(chain_cost(name, samplings, chains.ARCHS[arch_name], base(arch_name), configs.get(arch_name), overrides, note))
+    for name in chains.ARCHS if archs is None else archs:
+        base(name)
+    return result
 
 
 def table(result: dict) -> str:
@@ -359,7 +368,8 @@ def table(result: dict) -> str:
     lines = ["| chain | model | size | PFLOP / image | base evals | x limit | x DemoFusion | largest activation GiB | "
              "largest attention matrix GiB (tokens) |", "|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        vs_demo = f"{r['flops'] / demofusion['flops']:.2f}" if demofusion and r["arch"] == demofusion["arch"] else "-"
+        same = demofusion and (r["arch"], r["width"], r["height"]) == (demofusion["arch"], demofusion["width"], demofusion["height"])
+        vs_demo = f"{r['flops'] / demofusion['flops']:.2f}" if same else "-"
         lines.append(f"| {r['name']} | {r['arch']} | {r['width']}x{r['height']} | {r['flops'] / 1e15:.1f} | {r['base_evals']:.0f} | "
                      f"{r['limit_ratio']:.2f} | {vs_demo} | {r['activation_gib']:.2f} | {r['attention_gib']:.1f} ({r['attention_tokens']}) |")
     return "\n".join(lines)
@@ -369,15 +379,22 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", type=pathlib.Path, help="write the figures here")
     p.add_argument("--workflows", help="comma-separated workflow names (default: all bundled ones)")
+    p.add_argument("--table", type=pathlib.Path, help="only print the table of a JSON written before")
     args = p.parse_args(argv)
-    result = run(args.workflows.split(",") if args.workflows else None)
+    if args.table:
+        print(table(json.loads(args.table.read_text())))
+        return None
+    save = None
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        save = lambda result: args.json.write_text(json.dumps(result, indent=1, default=str) + "\n")
+    result = run(args.workflows.split(",") if args.workflows else None, save=save)
     print()
     for name, kind in result["base"].items():
         print(f"one base-size evaluation, {name}: {kind['flops'] / 1e12:.2f} TFLOP")
     print(table(result))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1, default=str) + "\n")
+    if save:
+        save(result)
     return result
 
 

@@ -15,7 +15,7 @@ over the chain (weights included; weights alone are given beside it). A chain th
 memory is recorded as OOM and the run goes on; chains that would start past the budget are skipped.
 Attention: PyTorch SDPA (the host runs with --use-pytorch-cross-attention).
 
---cpu: tiny model configs, every size and patch divided by 16 (the same chains, on the CPU host).
+--cpu: tiny model configs in float32, every size and patch divided by 16 (the same chains, on the CPU host).
 """
 
 import argparse
@@ -59,10 +59,10 @@ FAMILIES = ("SDXL", "FLUX.1-dev")
 CPU_SCALE = 16
 
 
-def random_model(arch: chains.Arch, device, config=None):
-    """The architecture on `device` in its dtype with seeded random weights (N(0, 0.02), norm
-    scales 1): finite activations, the same kernels and FLOPs as the released weights."""
-    patcher = chains.build(arch, device=device, config=config)
+def random_model(arch: chains.Arch, device, config=None, dtype=None):
+    """The architecture on `device` in `dtype` (default: its own) with seeded random weights
+    (N(0, 0.02), norm scales 1): finite activations, the same kernels and FLOPs as the released weights."""
+    patcher = chains.build(arch, device=device, dtype=dtype, config=config)
     gen = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():
         for name, p in patcher.model.diffusion_model.named_parameters():
@@ -165,7 +165,8 @@ def main(argv=None):
         arch = chains.ARCHS[family]
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        patcher = random_model(arch, device, configs.get(family))
+        # CPU smoke mode in float32: half-precision convolutions on a CPU are emulated and 50x slower
+        patcher = random_model(arch, device, configs.get(family), None if device.type == "cuda" else torch.float32)
         weights = sum(p.numel() * p.element_size() for p in patcher.model.diffusion_model.parameters())
         for workflow in names:
             for size in sizes:
