@@ -12,7 +12,8 @@ stratified sample of --steps of the schedule's steps (Euler updates between them
 step. Each timed step is bracketed by torch.cuda.synchronize(). Seconds per image = the mean timed
 step x the workflow's steps, summed over its samplers. Peak VRAM = torch.cuda.max_memory_allocated
 over the chain (weights included; weights alone are given beside it). A chain that runs out of
-memory is recorded as OOM and the run goes on; chains that would start past the budget are skipped.
+memory (or fails otherwise) is recorded as such and the run goes on; chains that would start past the
+budget are skipped.
 Attention: PyTorch SDPA (the host runs with --use-pytorch-cross-attention).
 
 --cpu: tiny model configs in float32, every size and patch divided by 16 (the same chains, on the CPU host).
@@ -156,7 +157,7 @@ def main(argv=None):
     start = time.perf_counter()
     wanted = {k: v for k, v in chains.workflows(args.workflows.split(",") if args.workflows else None).items()
               if v[-1].arch in FAMILIES}
-    results, models = [], {}
+    results = []
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     for family in FAMILIES:
         names = [w for w, samplings in wanted.items() if samplings[-1].arch == family]
@@ -183,8 +184,9 @@ def main(argv=None):
                 try:
                     samplers = run_chain(patcher, arch, resized(wanted[workflow], size, scale), device, args, scale,
                                          began + args.chain_budget)
-                except torch.OutOfMemoryError as e:
-                    entry["status"] = f"OOM: {str(e).splitlines()[0][:160]}"
+                except Exception as e:  # untested hardware: record the chain and go on with the next
+                    kind = "OOM" if isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e) else type(e).__name__
+                    entry["status"] = f"{kind}: {(str(e).splitlines() or [''])[0][:160]}"
                     print(f"{workflow} {entry['size']}: {entry['status']}", flush=True)
                     continue
                 finally:
