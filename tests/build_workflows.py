@@ -185,25 +185,37 @@ def sdxl_4096_redilate_ndcfg(g):
             f"{EXACT_DECODE_TIP}")
 
 
+# CutDiffusion's stage-1 sub-lattices cost one base evaluation per patch, its stage-2 windows (half-window
+# stride) about 3x as many: switching at 0.75 of the steps instead of the reference's 0.5 keeps the chain
+# within 1.5x the physical limit at 4096 (docs/cost.md), and a late switch is the setting that passed at
+# 4x on the toy world (README).
+CUTDIFFUSION_SWITCH = 0.75
+# LR-guided: windows at a quarter overlap (stride 96 latent px: 25 windows at 4096 instead of 49), so the
+# three passes cost under half of DemoFusion's schedule at the same size (docs/cost.md).
+LR_WINDOW_OVERLAP = 0.25
+
+
 def cutdiffusion(g, width, height, name):
     ckpt = g.add("CheckpointLoaderSimple", "Checkpoint", ckpt_name=SDXL_CKPT)
-    split = g.add("UltraResPatchSplit", model=(ckpt, 0))
+    split = g.add("UltraResPatchSplit", model=(ckpt, 0), switch_at=CUTDIFFUSION_SWITCH)
     shuffle = g.add("UltraResPixelInteraction", model=(split, 0))
     pos, neg = sdxl_text(g, ckpt)
     size = g.add("EmptyLatentImage", "Size", width=width, height=height, batch_size=1)
     decode_save(g, sampler(g, shuffle, pos, neg, size, **EULER_SAMPLING), (ckpt, 2), f"UltraRes/{name}")
     windows = (2 * width // 1024 - 1) * (2 * height // 1024 - 1)
     patches = width * height // 1024 ** 2
+    stage1 = round(CUTDIFFUSION_SWITCH * 50)
     return (f"SDXL {width}x{height}: CutDiffusion (Patch Split/Reassemble + Pixel Interaction).\n\n"
             f"Needs: models/checkpoints/{SDXL_CKPT} (SDXL 1.0 base), nothing else.\n"
-            "Reference settings (CutDiffusion cutdiffusion.py + README): Euler, 50 steps on the leading-spaced schedule "
-            "(ddim_uniform), CFG 7.5; first half: the image's strided sub-lattices as native 1024x1024 patches with pixel "
-            "interaction; second half: 1024x1024 windows at half-window stride with +-16 latent px jitter.\n"
+            "Settings (CutDiffusion cutdiffusion.py + README): Euler, 50 steps on the leading-spaced schedule "
+            f"(ddim_uniform), CFG 7.5; the first {stage1} steps (the reference: 25): the image's strided sub-lattices as native "
+            "1024x1024 patches with pixel interaction; then 1024x1024 windows at half-window stride with +-16 latent px "
+            "jitter. The later switch keeps the cost within 1.5x of 16 base evaluations per step (docs/cost.md).\n"
             f"The model only ever sees 1024x1024 inputs: {patches} patches, then {windows} windows per step (x2 for CFG).\n"
             f"VRAM: estimated 8-12 GB (weights 5 GB; Patch Split batches as many patches as free memory allows, "
             "max_batch caps it; not measured).\n"
             f"Time: estimated {max(2, patches * 9 // 16)}-{max(4, patches * 18 // 16)} min on an RTX 4090 "
-            f"({(patches + windows) * 50} UNet evaluations at 1024x1024).\n{EXACT_DECODE_TIP}")
+            f"({2 * (patches * stage1 + windows * (50 - stage1))} UNet evaluations at 1024x1024).\n{EXACT_DECODE_TIP}")
 
 
 def sdxl_4096_cutdiffusion(g):
@@ -223,7 +235,7 @@ def sdxl_4096_lr_guided(g):
     base_size = g.add("EmptyLatentImage", "Size (base 1024)", width=1024, height=1024, batch_size=1)
     base = sampler(g, ckpt, pos, neg, base_size, "Sampler (base 1024)", **EULER_SAMPLING)
     # DemoFusion's local path is MultiDiffusion = Patch Split's window stage alone (switch_at 0).
-    windows = g.add("UltraResPatchSplit", "MultiDiffusion windows", model=(ckpt, 0), switch_at=0.0)
+    windows = g.add("UltraResPatchSplit", "MultiDiffusion windows", model=(ckpt, 0), switch_at=0.0, window_overlap=LR_WINDOW_OVERLAP)
     latent, stride = base, 0
     for scale, title in ((2, "2x"), (4, "Size")):
         guided = g.add("UltraResLRConditionInjector", f"LR guidance ({scale}x)", model=(windows, 0), low_res_latent=(latent, 0),
@@ -236,10 +248,11 @@ def sdxl_4096_lr_guided(g):
             f"Needs: models/checkpoints/{SDXL_CKPT} (SDXL 1.0 base), nothing else.\n"
             "Each pass is guided by the previous result (LR Condition Injector: skip residual c1 = cf^3, dilated global "
             "path c2 = cf^1 with blur sigma 0.8, as DemoFusion's defaults) and samples through 1024x1024 MultiDiffusion "
-            "windows (Patch Split with switch_at 0). Euler, 50 steps (ddim_uniform = the leading-spaced schedule), CFG 7.5. "
+            "windows (Patch Split with switch_at 0) at a quarter overlap (DemoFusion: half; this halves the cost, docs/cost.md). "
+            "Euler, 50 steps (ddim_uniform = the leading-spaced schedule), CFG 7.5. "
             "The 4096 pass uses global_stride 4 so the global sub-lattices are native size.\n"
             "VRAM: estimated 8-12 GB (weights 5 GB, 1024x1024 model passes; not measured).\n"
-            "Time: estimated 20-40 min on an RTX 4090 (about 7,600 UNet evaluations at 1024x1024 over the three passes).\n"
+            "Time: estimated 15-30 min on an RTX 4090 (about 5,500 UNet evaluations at 1024x1024 over the three passes).\n"
             f"{EXACT_DECODE_TIP}")
 
 

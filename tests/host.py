@@ -41,7 +41,7 @@ def _bootstrap():
     from comfy.cli_args import args
 
     # Must be set before comfy.model_management / folder_paths are imported.
-    args.cpu = True
+    args.cpu = os.environ.get("ULTRARES_HOST_DEVICE", "cpu") == "cpu"  # tests/bench/gpu_4k.py sets "cuda"
     args.use_pytorch_cross_attention = True
     args.base_directory = str(_BASE)
     args.disable_all_custom_nodes = True
