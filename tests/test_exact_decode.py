@@ -82,8 +82,8 @@ def test_node_equals_vae_decode_for_the_sd_layout(node_classes):
 
 
 def test_node_equals_vae_decode_for_the_flux_vae_layout(node_classes):
-    """ComfyUI's own detection builds the FLUX VAE (16 channels, no post-quant conv) from its keys."""
-    vae = comfy.sd.VAE(sd={"decoder.conv_in.weight": torch.zeros(512, 16, 3, 3)})
+    """ComfyUI's own detection builds the FLUX VAE (16 channels, no post-quant conv, 4 levels) from its keys."""
+    vae = tiny_models.released_vae("flux")
     tiny_models.init_parameters(vae.first_stage_model.decoder, 8)
     latent = {"samples": torch.randn(1, 16, 5, 6, generator=torch.Generator().manual_seed(9))}
     full = host.run_node(node_classes["VAEDecode"], vae=vae, samples=latent)[0]

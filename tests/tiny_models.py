@@ -153,3 +153,17 @@ def urae_4k_adapter(seed: int = 4, hidden: int = FLUX_DIT["hidden_size"]) -> dic
             sd[f"{block}.attn.processor.{p}_a.weight"] = torch.randn(URAE_RANK, hidden, generator=g) * 0.1
             sd[f"{block}.attn.processor.{p}_b.weight"] = torch.randn(hidden, URAE_RANK, generator=g) * 0.1
     return sd
+
+
+def released_vae(family: str):
+    """The SDXL or FLUX VAE in its released layout (4 levels, 128-512 channels, 8x) as a comfy.sd.VAE, built
+    by ComfyUI's own detection from the keys that decide it; weights uninitialised (init_parameters or
+    `.to("meta")` for shapes only)."""
+    import comfy.sd
+
+    channels = {"sdxl": 4, "flux": 16}[family]
+    keys = {"decoder.conv_in.weight": torch.zeros(512, channels, 3, 3),
+            "decoder.up.3.upsample.conv.weight": torch.zeros(512, 512, 3, 3)}  # 4 levels, not the x4 upscaler's 3
+    if family == "sdxl":
+        keys["post_quant_conv.weight"] = torch.zeros(channels, channels, 1, 1)
+    return comfy.sd.VAE(sd=keys)
