@@ -93,23 +93,53 @@ def child(method: str, size: int, tile: int, out: str, probe: bool):
 FAMILIES = ("sdxl", "flux")  # their decoders differ only in conv_in
 
 
+def decode_flops(decoder, z, tile: int, overlap: int = 64) -> dict:
+    """Model FLOPs (torch's FlopCounterMode: convolutions and matmuls) of the full decode and of VAE Decode
+    (Tiled): comfy.utils.tiled_scale over its three tile shapes, as VAE.decode_tiled_ runs them (shapes only;
+    each tile shape is counted once and multiplied)."""
+    import comfy.utils
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def counted(t):
+        with FlopCounterMode(display=False) as mode:
+            out = decoder(t)
+        return mode.get_total_flops(), out
+
+    full, _ = counted(z)
+    per_shape, tiled = {}, [0]
+
+    def tile_fn(t):
+        key = tuple(t.shape)
+        if key not in per_shape:
+            per_shape[key] = counted(t)
+        tiled[0] += per_shape[key][0]
+        return torch.empty_like(per_shape[key][1])
+
+    edge, lap = tile // 8, overlap // 8
+    for tile_x, tile_y in ((edge // 2, edge * 2), (edge * 2, edge // 2), (edge, edge)):
+        comfy.utils.tiled_scale(z, tile_fn, tile_x, tile_y, lap, upscale_amount=8, output_device="meta")
+    return {"full": full, "tiled": tiled[0]}
+
+
 def accounted(vae: str, size: int, tile: int) -> dict:
     """Peak live bytes per side of the exact decode of a `size` px square, bf16, shapes only."""
     import host  # noqa: F401
     import tiny_models
     import torch
     from tensor_memory import PeakTensorMemory, TaggedPlacement
+    from torch.utils.flop_counter import FlopCounterMode
     from ultrares.patches.exact_decode import exact_decode, plan
 
     decoder = tiny_models.released_vae(vae).first_stage_model.decoder.to(device="meta", dtype=torch.bfloat16)
     channels = decoder.conv_in.in_channels
     z = torch.empty(1, channels, size // 8, size // 8, device="meta", dtype=torch.bfloat16)
     start = time.perf_counter()
-    with PeakTensorMemory(meta=True) as probe:
+    with FlopCounterMode(display=False) as flops, PeakTensorMemory(meta=True) as probe:
         exact_decode(decoder, z, tile, TaggedPlacement(probe, "meta"))
     weights = sum(p.numel() * p.element_size() for p in decoder.parameters())
     planned = plan(decoder, z.shape, tile, torch.bfloat16)
-    return {"device_bytes": probe.peaks["meta"] + weights, "device_tiles_bytes": probe.peaks["meta"], "weight_bytes": weights,
+    return {"flops": {"exact": flops.get_total_flops(), **decode_flops(decoder, z, tile)}, "device_bytes": probe.peaks["meta"] + weights, "device_tiles_bytes": probe.peaks["meta"], "weight_bytes": weights,
             "host_bytes": probe.peaks["state"], "planned_tile_bytes": planned.tile_bytes, "planned_state_bytes": planned.state_bytes,
             "tiles": planned.tiles, "accounting_seconds": round(time.perf_counter() - start, 1)}
 
@@ -142,7 +172,8 @@ def main():
             results["accounting"].setdefault(vae, {})[size] = row
             print(f"{vae} {size} px tile {args.account_tile}: device {row['device_bytes'] / gib:.2f} GiB (tiles "
                   f"{row['device_tiles_bytes'] / gib:.2f} + weights {row['weight_bytes'] / gib:.2f}), host {row['host_bytes'] / gib:.2f} GiB; "
-                  f"planned tile {row['planned_tile_bytes'] / gib:.2f}, state {row['planned_state_bytes'] / gib:.2f} GiB", flush=True)
+                  f"planned tile {row['planned_tile_bytes'] / gib:.2f}, state {row['planned_state_bytes'] / gib:.2f} GiB; "
+                  f"TFLOP full {row['flops']['full'] / 1e12:.1f}, tiled {row['flops']['tiled'] / 1e12:.1f}, exact {row['flops']['exact'] / 1e12:.1f}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for size in (int(s) for s in args.sizes.split(",") if s):
             row = {}
