@@ -174,6 +174,7 @@ def main():
                   f"{row['device_tiles_bytes'] / gib:.2f} + weights {row['weight_bytes'] / gib:.2f}), host {row['host_bytes'] / gib:.2f} GiB; "
                   f"planned tile {row['planned_tile_bytes'] / gib:.2f}, state {row['planned_state_bytes'] / gib:.2f} GiB; "
                   f"TFLOP full {row['flops']['full'] / 1e12:.1f}, tiled {row['flops']['tiled'] / 1e12:.1f}, exact {row['flops']['exact'] / 1e12:.1f}", flush=True)
+            save(results, args.json)
     with tempfile.TemporaryDirectory() as tmp:
         for size in (int(s) for s in args.sizes.split(",") if s):
             row = {}
@@ -194,9 +195,14 @@ def main():
             row["exact_over_tiled_time"] = row["exact"]["seconds"] / row["tiled"]["seconds"]
             print(size, f"exact / tiled time {row['exact_over_tiled_time']:.2f}", flush=True)
             results["sizes"][size] = row
+            save(results, args.json)  # after every size: a long run stopped early keeps what it measured
     print(json.dumps(results, indent=2))
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+    save(results, args.json)
+
+
+def save(results, path):
+    if path:
+        path.write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":
