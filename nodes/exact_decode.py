@@ -23,7 +23,9 @@ def _is_sd_decoder(decoder) -> bool:
         return False
     blocks = [decoder.mid.block_1, decoder.mid.block_2] + [b for up in decoder.up for b in up.block]
     upsamples = [up.upsample for up in list(decoder.up)[1:]]
-    return all(type(b) is sd_vae.ResnetBlock for b in blocks) and all(type(u) is sd_vae.Upsample for u in upsamples)
+    attentions = [decoder.mid.attn_1] + [a for up in decoder.up for a in up.attn]
+    return (all(type(b) is sd_vae.ResnetBlock for b in blocks) and all(type(u) is sd_vae.Upsample for u in upsamples)
+            and all(type(a) is sd_vae.AttnBlock for a in attentions))
 
 
 def decoder_parts(vae):
@@ -47,7 +49,7 @@ class ExactVAEDecode(io.ComfyNode):
             category=category("VAE"),
             description="Decodes latents tile by tile with the overlap every layer needs and whole-image GroupNorm "
                         "statistics, so the image equals a full VAE Decode (no seams, unlike VAE Decode (Tiled)) while "
-                        "only tiles and two layer tensors are in memory at a time. For the SD1.x/2.x, SDXL, SD3 and FLUX VAEs.",
+                        "only tiles go to the GPU: the layer tensors can wait in RAM. For the SD1.x/2.x, SDXL, SD3 and FLUX VAEs.",
             inputs=[
                 io.Latent.Input("samples", tooltip="The latent to decode (images, not video)."),
                 io.Vae.Input("vae", tooltip="An AutoencoderKL VAE: SD1.x/2.x, SDXL, SD3 or FLUX (ae.safetensors)."),
@@ -56,8 +58,9 @@ class ExactVAEDecode(io.ComfyNode):
                                      "the result does not depend on it."),
                 io.Combo.Input("layer_memory", options=STATES, default="auto",
                                tooltip="Where the whole-image layer tensors live between tiles. 'vae device' is fastest; 'cpu' "
-                                       "keeps GPU memory to one tile's worth (the layers then need RAM, ~2.6 GB per megapixel "
-                                       "in bf16); 'auto' picks the VAE device when they fit there."),
+                                       "keeps them in RAM (about 0.4 GB per megapixel in bf16) and GPU memory to one tile's "
+                                       "working set whatever the image size (under 1 GB at tile 512); 'auto' picks the VAE "
+                                       "device when they fit there, else RAM."),
             ],
             outputs=[io.Image.Output(display_name="image")],
         )
@@ -77,12 +80,13 @@ class ExactVAEDecode(io.ComfyNode):
             raise input_error(NODE, "layer_memory", f"unknown choice {layer_memory!r}", f"pick one of {STATES}")
 
         plan = exact.plan(decoder, (1, expected) + tuple(latent.shape[2:]), tile_size, vae.vae_dtype)
-        keep_on_device = layer_memory == "vae device" or vae.device.type == "cpu"
-        comfy.model_management.load_models_gpu([vae.patcher], memory_required=plan.tile_bytes + (plan.state_bytes if keep_on_device else 0),
+        on_device = layer_memory == "vae device" or vae.device.type == "cpu"
+        comfy.model_management.load_models_gpu([vae.patcher], memory_required=plan.tile_bytes + (plan.state_bytes if on_device else 0),
                                                force_full_load=vae.disable_offload)
-        if layer_memory == "auto" and not keep_on_device:
-            keep_on_device = comfy.model_management.get_free_memory(vae.device) > 1.2 * (plan.tile_bytes + plan.state_bytes)
-        storage = vae.device if keep_on_device else torch.device("cpu")
+        if layer_memory == "auto" and not on_device:
+            on_device = comfy.model_management.get_free_memory(vae.device) > 1.2 * (plan.tile_bytes + plan.state_bytes)
+        host = comfy.model_management.intermediate_device() if layer_memory == "auto" else torch.device("cpu")
+        placement = exact.Placement(vae.device, vae.device if on_device else host)
 
         batch = latent.shape[0]
         progress = comfy.utils.ProgressBar(batch * plan.tiles)
@@ -96,7 +100,7 @@ class ExactVAEDecode(io.ComfyNode):
             with torch.no_grad():
                 z = prepare(latent[i:i + 1].to(device=vae.device, dtype=vae.vae_dtype))
                 try:
-                    decoded = exact.exact_decode(decoder, z, tile_size, vae.device, storage, on_tile)
+                    decoded = exact.exact_decode(decoder, z, tile_size, placement, on_tile)
                 except exact.UnsupportedDecoder as e:
                     raise input_error(NODE, "vae", str(e), "use the stock VAE Decode (Tiled) for this VAE") from None
                 image = vae.process_output(decoded.to(vae.output_device).float()).movedim(1, -1)

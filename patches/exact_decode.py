@@ -9,9 +9,13 @@ and the middle attention block mixes every latent position. So the decoder is ru
   reproduced at the image border and nothing else), so tile results equal the full tensor's pixels;
 - every GroupNorm uses per-channel statistics of the whole tensor, accumulated tile by tile (float64
   Chan merge) while the tensor it normalises is written, or in a stats-only pass over the tiles;
-- the attention blocks (global) run on the whole tensor, at latent resolution.
-Between layers only the block input and output tensors live ("states"); they can sit on another
-device (CPU RAM) than the tiles being computed."""
+- the attention blocks (global) run exactly as well: q, k, v are computed tile by tile, then each block
+  of queries meets all keys in chunks with an online softmax (flash-attention style), so no
+  whole-image tensor is needed on the compute device either.
+Between layers only the block input and output tensors live ("states", plus q/k/v around an
+attention block). A Placement says where: states on the state device (host RAM when the compute
+device is a GPU), only tiles with their halo and key/value chunks on the compute device, so device
+memory is bounded by the tile size whatever the image size."""
 
 import math
 from dataclasses import dataclass
@@ -22,6 +26,28 @@ import torch
 
 class UnsupportedDecoder(ValueError):
     """The module is not the AutoencoderKL decoder this decode reproduces exactly."""
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where tiles are computed and where the whole-image layer tensors wait between layers. Every
+    tensor that crosses between the two goes through these methods."""
+    compute: torch.device
+    state: torch.device
+
+    def state_empty(self, shape, dtype) -> torch.Tensor:
+        if self.state.type == "cpu" and self.compute.type == "cuda":  # pinned: faster tile transfers
+            try:
+                return torch.empty(shape, dtype=dtype, pin_memory=True)
+            except RuntimeError:  # pinning refused (limits): pageable memory works too
+                pass
+        return torch.empty(shape, dtype=dtype, device=self.state)
+
+    def to_state(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(self.state)
+
+    def to_compute(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(self.compute)
 
 
 class ChannelStats:
@@ -203,19 +229,25 @@ class Runner:
     chains `channels` wide (the decoder's output resolution), wider chains get proportionally smaller areas.
     `counting=True` computes nothing and only tallies tiles and memory (for progress and estimates)."""
 
-    def __init__(self, tile: int, channels: int, device, storage_device, on_tile: Callable[[], None] | None = None, counting: bool = False):
+    def __init__(self, tile: int, channels: int, placement: Placement, on_tile: Callable[[], None] | None = None,
+                 counting: bool = False):
         self.tile, self.channels = tile, channels
-        self.device, self.storage = device, storage_device
+        self.budget = tile * tile * channels  # values in one tile's working set
+        self.placement = placement
         self.on_tile, self.counting = on_tile, counting
         self.tiles = 0
-        self.state_bytes = 0  # peak of the layer tensors alive at once
-        self.tile_bytes = 0  # rough peak of one tile's working set
+        self.state_bytes = 0  # peak of the layer tensors alive at once (state device)
+        self.tile_bytes = 0  # peak of one tile's working set (compute device)
 
     @staticmethod
     def _tiles(size, edge):
         for y in range(0, size[0], edge):
             for x in range(0, size[1], edge):
                 yield Region(y, min(y + edge, size[0]), x, min(x + edge, size[1]))
+
+    def _tick(self):
+        if self.on_tile is not None:
+            self.on_tile()
 
     def map(self, src: torch.Tensor, main, prefix=(), shortcut=None, store: bool = True, in_place: bool = False):
         """out = main(prefix(src)) [+ shortcut(prefix(src))], tile by tile (`prefix`: layers recomputed per tile
@@ -238,7 +270,7 @@ class Runner:
             self.tiles += sum(1 for _ in self._tiles(out_size, edge))
             return (torch.empty(out_shape, device="meta", dtype=src.dtype) if store else None), None
 
-        out = src if in_place else torch.empty(out_shape, device=self.storage, dtype=src.dtype) if store else None
+        out = src if in_place else self.placement.state_empty(out_shape, src.dtype) if store else None
         stats = ChannelStats()
         previous, current, band_rows = [], [], None  # in place: outputs of the last two bands, not yet written
         for r in self._tiles(out_size, edge):
@@ -248,11 +280,10 @@ class Runner:
             y = self._tile(src, r, prefix, main, shortcut, size, mid_size)
             stats.add(y)
             if in_place:
-                current.append((r, y.to(self.storage)))
+                current.append((r, self.placement.to_state(y)))
             elif store:
-                out[..., r.y0:r.y1, r.x0:r.x1] = y.to(self.storage)
-            if self.on_tile is not None:
-                self.on_tile()
+                out[..., r.y0:r.y1, r.x0:r.x1] = self.placement.to_state(y)
+            self._tick()
         self._write(out, previous + current)
         return out, stats
 
@@ -260,7 +291,7 @@ class Runner:
         main_need = _needed(main, r, mid_size)
         mid_need = main_need if shortcut is None else _union(main_need, shortcut.need(r, mid_size))
         src_need = _needed(prefix, mid_need, size)
-        x = src[..., src_need.y0:src_need.y1, src_need.x0:src_need.x1].to(self.device)
+        x = self.placement.to_compute(src[..., src_need.y0:src_need.y1, src_need.x0:src_need.x1])
         x, valid = _run_chain(prefix, x, src_need, size)
         y, y_valid = _run_chain(main, valid.crop(x, main_need), main_need, mid_size)
         y = y_valid.crop(y, r)
@@ -275,18 +306,57 @@ class Runner:
         for r, y in tiles:
             out[..., r.y0:r.y1, r.x0:r.x1] = y
 
-    def whole(self, module, src: torch.Tensor):
-        """A global module (attention) on the whole tensor; statistics of its output."""
-        self.state_bytes = max(self.state_bytes, 3 * _bytes(src.shape, src.dtype))
+    def attention(self, block, x: torch.Tensor, stats: ChannelStats):
+        """AttnBlock: x + proj_out(softmax(q k^T / sqrt(C)) v) with q, k, v the 1x1 convolutions of norm(x).
+        q, k, v become states, tile by tile; then each band of query rows meets every band of key/value rows
+        on the compute device, in sub-blocks, with a running max and sum (online softmax). Scores and sums are
+        float32, as fused attention kernels keep them, so the result is the full attention's up to rounding."""
+        _require(block, "norm", "q", "k", "v", "proj_out")
+        norm = Pointwise(block.norm, stats)
+        q, k, v = (self.map(x, [norm, Conv(getattr(block, name))])[0] for name in ("q", "k", "v"))
+        b, c, h, w = x.shape
+        rows = max(1, min(h, self.budget // (c * w)))  # a query band and a key/value band: one tile's values
+        n = rows * w
+        n_k = max(1, min(2048, n // 4))  # score sub-blocks of budget / 2 values
+        n_q = max(1, min(n, self.budget // 2 // n_k))
+        elt = _bytes((), x.dtype)
+        self.state_bytes = max(self.state_bytes, 5 * _bytes(x.shape, x.dtype))  # x, q, k, v, output
+        self.tile_bytes = max(self.tile_bytes, b * (n * c * (4 * elt + 4) + 2 * n * c * elt + n_q * n_k * 8
+                                                    + (n_q + n_k) * c * 4 + 2 * n_q * c * 4))
+        bands = [(y0, min(y0 + rows, h)) for y0 in range(0, h, rows)]
         if self.counting:
-            self.tiles += 1
-            return src, None
-        out = module(src.to(self.device))
-        stats = ChannelStats()
-        stats.add(out)
-        if self.on_tile is not None:
-            self.on_tile()
-        return out.to(self.storage), stats
+            self.tiles += len(bands)
+            return x, None
+
+        out = self.placement.state_empty(x.shape, x.dtype)
+        out_stats = ChannelStats()
+        for y0, y1 in bands:
+            query = self._tokens(q, y0, y1)
+            top = torch.full(query.shape[:2], -math.inf, device=query.device)  # running max of the scores
+            total = torch.zeros(query.shape[:2], device=query.device)  # running sum of exp(score - top)
+            acc = torch.zeros(query.shape, device=query.device)  # running sum of exp(score - top) * value
+            for k0, k1 in bands:
+                key, value = self._tokens(k, k0, k1), self._tokens(v, k0, k1)
+                for i in range(0, query.shape[1], n_q):
+                    qi = query[:, i:i + n_q].float() * c ** -0.5
+                    for j in range(0, key.shape[1], n_k):
+                        s = torch.bmm(qi, key[:, j:j + n_k].float().transpose(1, 2))
+                        new_top = torch.maximum(top[:, i:i + n_q], s.amax(dim=2))
+                        s = s.sub_(new_top[..., None]).exp_()
+                        fade = (top[:, i:i + n_q] - new_top).exp_()
+                        total[:, i:i + n_q].mul_(fade).add_(s.sum(dim=2))
+                        acc[:, i:i + n_q].mul_(fade[..., None]).add_(torch.bmm(s, value[:, j:j + n_k].float()))
+                        top[:, i:i + n_q] = new_top
+            attended = (acc / total[..., None]).to(x.dtype).transpose(1, 2).reshape(b, c, y1 - y0, w)
+            y = block.proj_out(attended) + self.placement.to_compute(x[..., y0:y1, :])
+            out_stats.add(y)
+            out[..., y0:y1, :] = self.placement.to_state(y)
+            self._tick()
+        return out, out_stats
+
+    def _tokens(self, t, y0, y1):
+        """Rows y0:y1 of a state [B, C, H, W] on the compute device as tokens [B, (y1 - y0) * W, C]."""
+        return self.placement.to_compute(t[..., y0:y1, :]).flatten(2).transpose(1, 2)
 
 
 def _require(module, *names):
@@ -315,7 +385,7 @@ def _walk(run: Runner, decoder, z):
     _require(decoder, "conv_in", "mid", "up", "norm_out", "conv_out", "num_resolutions", "num_res_blocks")
     x, stats = run.map(z, [Conv(decoder.conv_in)])
     x, stats = _resnet(run, decoder.mid.block_1, x, stats)
-    x, stats = run.whole(decoder.mid.attn_1, x)
+    x, stats = run.attention(decoder.mid.attn_1, x, stats)
     x, stats = _resnet(run, decoder.mid.block_2, x, stats)
     prefix = ()
     for level in reversed(range(decoder.num_resolutions)):
@@ -326,7 +396,7 @@ def _walk(run: Runner, decoder, z):
             x, stats = _resnet(run, up.block[i], x, stats, prefix)
             prefix = ()
             if len(up.attn) > 0:
-                x, stats = run.whole(up.attn[i], x)
+                x, stats = run.attention(up.attn[i], x, stats)
         if level == 1:
             # The upsample into the output resolution makes the widest full-size tensor: recompute it inside
             # the next block's passes instead of storing it.
@@ -342,27 +412,27 @@ def _walk(run: Runner, decoder, z):
 @dataclass(frozen=True)
 class Plan:
     tiles: int  # tile evaluations (for a progress bar)
-    state_bytes: int  # peak bytes of the layer tensors alive at once (on the storage device)
-    tile_bytes: int  # rough peak bytes of one tile's working set (on the compute device)
+    state_bytes: int  # peak bytes of the layer tensors alive at once (state device; grows with the image)
+    tile_bytes: int  # peak bytes of one tile's working set (compute device; set by the tile size alone)
 
 
 def plan(decoder, latent_shape, tile: int, dtype=torch.float32) -> Plan:
     """What exact_decode of one latent of `latent_shape` (decoder input) will do, without computing it."""
-    run = Runner(tile, decoder.conv_out.in_channels, "meta", "meta", counting=True)
+    meta = torch.device("meta")
+    run = Runner(tile, decoder.conv_out.in_channels, Placement(meta, meta), counting=True)
     _walk(run, decoder, torch.empty(latent_shape, device="meta", dtype=dtype))
     return Plan(run.tiles, run.state_bytes, run.tile_bytes)
 
 
 @torch.no_grad()
-def exact_decode(decoder, z: torch.Tensor, tile: int = 512, device=None, storage_device=None,
+def exact_decode(decoder, z: torch.Tensor, tile: int = 512, placement: Placement | None = None,
                  on_tile: Callable[[], None] | None = None) -> torch.Tensor:
     """decoder(z), computed tile by tile. z: [B, C, h, w] decoder input (after any post-quant conv), in
-    the decoder's dtype. `tile`: tile edge in output pixels (the budget of every tile). Tiles compute on `device` (default z's);
-    the layer tensors are kept on `storage_device` (default: `device`). Returns [B, out_ch, H, W] on
-    `storage_device`."""
+    the decoder's dtype. `tile`: tile edge in output pixels (the budget of every tile). `placement`: where
+    tiles compute and layer tensors wait (default: both on z's device). Returns [B, out_ch, H, W] on the
+    state device."""
     if z.ndim != 4:
         raise UnsupportedDecoder(f"latent with {z.ndim} dimensions (only images [B, C, h, w])")
-    device = z.device if device is None else device
-    storage_device = device if storage_device is None else storage_device
-    run = Runner(tile, decoder.conv_out.in_channels, device, storage_device, on_tile)
-    return _walk(run, decoder, z.to(storage_device))
+    placement = placement or Placement(z.device, z.device)
+    run = Runner(tile, decoder.conv_out.in_channels, placement, on_tile)
+    return _walk(run, decoder, placement.to_state(z))

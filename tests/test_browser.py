@@ -14,10 +14,12 @@ import pytest
 import torch
 
 import host
+import tiny_models
 from ultrares.patches import cutdiffusion as cd
 from ultrares.patches import pasd
 from ultrares.patches import scalecrafter as sc
 from ultrares.patches import urae
+from ultrares.patches.exact_decode import plan as exact_decode_plan
 from ultrares.patches.lr_guidance import global_stride
 
 CHROMIUM = "/usr/bin/chromium"
@@ -226,6 +228,34 @@ def test_pure_functions_match_the_python(browser):
         for (w, h), (tw, th) in zip(presets, js["targets"]):
             assert w % int(multiple) == 0 and h % int(multiple) == 0
             assert abs(w - tw) <= int(multiple) / 2 and abs(h - th) <= int(multiple) / 2
+
+
+def test_exact_decode_memory_matches_the_planner(browser):
+    """The info panel's RAM / GPU figures are the planner's for the SD/SDXL/FLUX decoder in bf16, and the
+    node shows them for the latent it decodes (the toy workflow's 768x512 px, tile 512)."""
+    cases = [(512, 512, 512), (768, 512, 512), (1024, 1024, 256), (2048, 2048, 512), (4096, 4096, 512),
+             (2048, 4096, 1024), (8192, 8192, 512), (4096, 2176, 64)]
+    js = browser.page.evaluate("""async ([url, c]) => {
+        const M = await import(url);
+        return c.map(([h, w, t]) => M.exactDecodeMemory(h, w, t));
+    }""", [MATH, cases])
+    decoder = tiny_models.released_vae("flux").first_stage_model.decoder.to("meta")
+    for (h, w, tile), got in zip(cases, js):
+        planned = exact_decode_plan(decoder, (1, 16, h // 8, w // 8), tile, torch.bfloat16)
+        assert (got["stateBytes"], got["tileBytes"]) == (planned.state_bytes, planned.tile_bytes), (h, w, tile)
+    shown = browser.page.evaluate("""async (wf) => {
+        await app.loadGraphData(wf);
+        const decode = LiteGraph.createNode('UltraResExactVAEDecode');
+        app.graph.add(decode);
+        app.graph.nodes.find(n => n.type === 'KSampler').connect(0, decode, 0);
+        decode.widgets.find(w => w.name === 'layer_memory').value = 'cpu';
+        app.canvas.draw(true, true);
+        return decode.ultraresInfo;
+    }""", json.loads(TOY.read_text()))
+    planned = exact_decode_plan(decoder, (1, 16, 64, 96), 512, torch.bfloat16)
+    assert shown["data"]["memory"] == {"stateBytes": planned.state_bytes, "tileBytes": planned.tile_bytes}
+    assert shown["lines"][1] == (f"bf16: layers {planned.state_bytes / 2 ** 30:.1f} GiB in RAM; "
+                                 f"tiles at most {planned.tile_bytes / 2 ** 30:.1f} GiB on the GPU + weights"), shown
 
 
 def test_queued_toy_workflow_shows_its_image(browser, tmp_path):

@@ -211,3 +211,17 @@ def pasd_controlnet_file(model, seed=1) -> dict:
     sd = pasd_nodes.controlnet_to_diffusers(config, net.state_dict())
     sd["controlnet_cond_embedding.to_rgbs.0.weight"] = torch.zeros(3, 32, 3, 3)
     return sd
+
+
+def released_vae(family: str):
+    """The SDXL or FLUX VAE in its released layout (4 levels, 128-512 channels, 8x) as a comfy.sd.VAE, built
+    by ComfyUI's own detection from the keys that decide it; weights uninitialised (init_parameters or
+    `.to("meta")` for shapes only)."""
+    import comfy.sd
+
+    channels = {"sdxl": 4, "flux": 16}[family]
+    keys = {"decoder.conv_in.weight": torch.zeros(512, channels, 3, 3),
+            "decoder.up.3.upsample.conv.weight": torch.zeros(512, 512, 3, 3)}  # 4 levels, not the x4 upscaler's 3
+    if family == "sdxl":
+        keys["post_quant_conv.weight"] = torch.zeros(channels, channels, 1, 1)
+    return comfy.sd.VAE(sd=keys)

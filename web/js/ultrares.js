@@ -242,11 +242,15 @@ function exactDecodeInfo(node) {
   const [h, w] = size.map((s) => s * M.LATENT_PX);
   const tile = value(node, "tile_size");
   const tiles = M.tileGrid(h, w, tile);
-  const gb = ((h * w) / 1e6) * 2.6;
+  const memory = M.exactDecodeMemory(h, w, tile);
+  const gib = (bytes) => `${(bytes / 2 ** 30).toFixed(1)} GiB`;
+  const where = value(node, "layer_memory");
+  const layers = where === "vae device" ? `layers ${gib(memory.stateBytes)} on the GPU`
+    : `layers ${gib(memory.stateBytes)} in RAM${where === "auto" ? " (on the GPU if free there)" : ""}`;
   return {
     lines: [`${w}x${h} px: ${grid(tiles)} = ${tiles[0] * tiles[1]} tiles of ${tile} px at full resolution`,
-      `layer tensors ~${gb.toFixed(1)} GB in bf16`],
-    data: { size, tiles },
+      `bf16: ${layers}; tiles at most ${gib(memory.tileBytes)} on the GPU + weights`],
+    data: { size, tiles, memory },
   };
 }
 

@@ -118,6 +118,21 @@ export function pasdTileOrigins(length, tile, overlap) {
   return [...starts, length - tile];
 }
 
+// Exact Tiled VAE Decode's plan (patches/exact_decode.py plan()) for the SD/SDXL/FLUX decoder (128-256-512-512
+// channels, output at 1, 1/2, 1/4, 1/8 of the image side) in bf16: `stateBytes`, the whole-image layer tensors
+// (RAM when they wait on the CPU; grows with the image), `tileBytes`, one tile's working set on the GPU (the tile
+// size alone sets it). Each chain's tile edge is tile * sqrt(128 / widest channels), at most the side there.
+export function exactDecodeMemory(heightPx, widthPx, tile) {
+  const side = Math.max(heightPx, widthPx);
+  const stateBytes = Math.max(384 * heightPx * widthPx, 256 * heightPx * widthPx + 512 * Math.min(tile, side) * widthPx);
+  const chains = [[512, 8], [512, 4], [512, 2], [256, 1], [128, 1]];  // [widest channels, downscale]
+  const tileBytes = Math.max(...chains.map(([channels, down]) => {
+    const edge = Math.min(Math.max(8, Math.floor(tile * Math.sqrt(128 / channels))), side / down);
+    return 8 * channels * (edge + 8) ** 2 * 4;
+  }));
+  return { stateBytes, tileBytes };
+}
+
 // The nearest multiple of `multiple` (at least one): SD UNets need 64 px (three 2x downsamplings of
 // an 8x latent), FLUX/SD3 16 px (8x latent, 2x2 patches).
 export function snap(px, multiple) {
