@@ -13,6 +13,7 @@ _NODE_MODULES = (
     "urae",
     "exact_decode",
     "toy_world",
+    "ultrapixel",
 )
 
 

@@ -63,7 +63,11 @@ class ToyWorldConfig(comfy.supported_models.SD15):
 
 def build_model(state_dict: dict | None = None) -> comfy.model_patcher.ModelPatcher:
     """The toy UNet as a ComfyUI model; weights from `state_dict` (diffusion_model keys) if given."""
-    config = ToyWorldConfig(comfy.model_detection.convert_config(dict(UNET)))
+    return model_of(ToyWorldConfig(comfy.model_detection.convert_config(dict(UNET))), state_dict)
+
+
+def model_of(config, state_dict: dict | None = None) -> comfy.model_patcher.ModelPatcher:
+    """A float32 ComfyUI model of a toy model config (the toy UNet, the toy StageC), weights from `state_dict`."""
     config.set_inference_dtype(torch.float32, None)
     model = config.get_model({})
     if state_dict is not None:
