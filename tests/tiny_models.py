@@ -228,3 +228,13 @@ def released_transinr_shapes(ind: int = 2048, ch: int = 1024, tokens: int = 1024
         "toout.0.weight": (ind // 4, 2 * ind), "toout.0.bias": (ind // 4,),
         "toout.2.weight": (ind, ind // 4), "toout.2.bias": (ind,),
     }
+
+
+def tiny_stage_a(seed: int = 0):
+    """ComfyUI's StageA class (Stable Cascade's VQGAN, 4x) at width 16, as a VAE (the stock loader builds
+    only the full-size one)."""
+    from comfy.ldm.cascade.stage_a import StageA
+    from ultrares.nodes.toy_world import CodecVAE
+
+    codec = init_parameters(StageA(levels=2, bottleneck_blocks=1, c_hidden=16, c_latent=4, codebook_size=16), seed)
+    return CodecVAE(codec, ratio=4)

@@ -6,6 +6,7 @@ import contextlib
 import pathlib
 
 import safetensors.torch
+import torch
 
 import build_workflows
 import host
@@ -17,13 +18,14 @@ TESTKIT = {"ultrares_testkit": pathlib.Path(__file__).with_name("testkit")}
 
 def prepare_base(base: pathlib.Path) -> pathlib.Path:
     """Files the graphs load for real get tiny weights (the FLUX VAE as a 16-channel TAESD, the URAE
-    adapters at tiny_flux's shapes); the rest are empty placeholders the tests swap out before running."""
+    adapters at tiny_flux's shapes, UltraPixel's modules as a torch file at the tiny StageC's width); the rest are empty placeholders the tests swap out before running."""
     host.make_base_directory(base)
     for folder, names in build_workflows.MODEL_FILES.items():
         (base / "models" / folder).mkdir(parents=True, exist_ok=True)
         for name in names:
             (base / "models" / folder / name).touch()
     tiny_models.write_tiny_taesd_vae(base / "models" / "vae" / build_workflows.FLUX_VAE, latent_channels=16)
+    torch.save(tiny_models.ultrapixel_state_dict(), base / "models" / "diffusion_models" / build_workflows.ULTRAPIXEL)  # as released
     for name, sd in ((build_workflows.URAE_2K, tiny_models.urae_2k_adapter()), (build_workflows.URAE_4K, tiny_models.urae_4k_adapter())):
         safetensors.torch.save_file({k: v.contiguous() for k, v in sd.items()}, str(base / "models" / "loras" / name))
     return base
