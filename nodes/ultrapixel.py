@@ -7,6 +7,7 @@ conditioning / sampler and StageA (VAE Decode)."""
 import functools
 import pathlib
 
+import safetensors.torch
 import torch
 from comfy_api.v0_0_2 import io
 
@@ -56,10 +57,10 @@ def file_format(path: pathlib.Path) -> str:
     """'safetensors', 'torch' (zip or legacy pickle, as the released file is) or 'unknown', by magic bytes."""
     with open(path, "rb") as f:
         head = f.read(9)
-    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
-        return "torch"
     if len(head) == 9 and 0 < int.from_bytes(head[:8], "little") < SAFETENSORS_MAGIC_MAX_HEADER and head[8:9] == b"{":
         return "safetensors"
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":  # torch zip archive / legacy pickle protocol 2+
+        return "torch"
     return "unknown"
 
 
@@ -67,8 +68,8 @@ def read_state_dict(path: pathlib.Path, error) -> dict:
     """The file's tensors: safetensors directly; the released torch pickle only through
     torch.load(weights_only=True), which refuses anything but tensors and plain containers."""
     kind = file_format(path)
-    if kind == "safetensors":
-        return comfy.utils.load_torch_file(str(path), safe_load=True)
+    if kind == "safetensors":  # by content, whatever the extension
+        return safetensors.torch.load_file(str(path))
     if kind == "torch":
         try:  # from a file object: a path ending in .safetensors would be handed to the safetensors reader
             with open(path, "rb") as f:
@@ -156,16 +157,20 @@ class Profile:
     def __init__(self, compression: float, native_side: int | None, patch: int):
         self.compression, self.native_side, self.patch = compression, native_side, patch
 
+    def _latent(self, h: float, w: float) -> tuple[int, int]:
+        """Rounded to whole StageC patches."""
+        return tuple(max(1, round(v / self.patch)) * self.patch for v in (h, w))
+
     def hr_latent(self, height: int, width: int) -> tuple[int, int]:
         if self.native_side is None:
             return up.hr_latent_size(height, width)
-        return max(1, round(height / self.compression)), max(1, round(width / self.compression))
+        return self._latent(height / self.compression, width / self.compression)
 
     def lr_latent(self, height: int, width: int) -> tuple[int, int]:
         if self.native_side is None:
             return up.lr_latent_size(height, width)
         root = (height / width) ** 0.5
-        return max(1, round(self.native_side * root)), max(1, round(self.native_side / root))
+        return self._latent(self.native_side * root, self.native_side / root)
 
     @property
     def std_tokens(self) -> int:
