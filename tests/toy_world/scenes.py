@@ -44,12 +44,14 @@ def draw(canvas: torch.Tensor, kind: torch.Tensor, centre: torch.Tensor, radius:
     return canvas * (1 - inside) + colour[:, :, None, None] * inside
 
 
-def sample(batch: int, gen: torch.Generator, kinds: torch.Tensor | None = None):
-    """(pictures, kinds): a batch of random scenes, reproducible from the generator."""
+def sample(batch: int, gen: torch.Generator, kinds: torch.Tensor | None = None, size: int = SIZE):
+    """(pictures, kinds): a batch of random scenes, reproducible from the generator. `size` draws the
+    same scenes at another resolution (geometry scaled, the same random draws)."""
     rand = lambda *shape: torch.rand(*shape, generator=gen)
+    scale = size / SIZE
     kind = torch.randint(0, 3, (batch,), generator=gen) if kinds is None else kinds
-    centre = SIZE / 2 + (rand(batch, 2) * 2 - 1) * JITTER
-    radius = RADIUS[0] + rand(batch) * (RADIUS[1] - RADIUS[0])
+    centre = (SIZE / 2 + (rand(batch, 2) * 2 - 1) * JITTER) * scale
+    radius = (RADIUS[0] + rand(batch) * (RADIUS[1] - RADIUS[0])) * scale
     bg_a, bg_b = rand(batch, 3) * 1.6 - 0.8, rand(batch, 3) * 1.6 - 0.8
     colour = rand(batch, 3) * 2 - 1
     # Redraw colours too close to any background value (the gradient is a segment from bg_a to bg_b).
@@ -61,7 +63,7 @@ def sample(batch: int, gen: torch.Generator, kinds: torch.Tensor | None = None):
     weak = _contrast(colour, bg_a, bg_b) < MIN_CONTRAST
     bg_b[weak] = bg_a[weak]  # rare: fall back to a flat background
     colour[weak] = torch.where(bg_a[weak] > 0, -1.0, 1.0)
-    return draw(gradient(bg_a, bg_b, rand(batch) * 2 * math.pi), kind, centre, radius, colour), kind
+    return draw(gradient(bg_a, bg_b, rand(batch) * 2 * math.pi, size), kind, centre, radius, colour), kind
 
 
 def _contrast(colour, bg_a, bg_b):
