@@ -14,6 +14,7 @@ _NODE_MODULES = (
     "exact_decode",
     "pasd",
     "toy_world",
+    "ultrapixel",
 )
 
 

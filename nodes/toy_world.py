@@ -63,7 +63,11 @@ class ToyWorldConfig(comfy.supported_models.SD15):
 
 def build_model(state_dict: dict | None = None) -> comfy.model_patcher.ModelPatcher:
     """The toy UNet as a ComfyUI model; weights from `state_dict` (diffusion_model keys) if given."""
-    config = ToyWorldConfig(comfy.model_detection.convert_config(dict(UNET)))
+    return model_of(ToyWorldConfig(comfy.model_detection.convert_config(dict(UNET))), state_dict)
+
+
+def model_of(config, state_dict: dict | None = None) -> comfy.model_patcher.ModelPatcher:
+    """A float32 ComfyUI model of a toy model config (the toy UNet, the toy StageC), weights from `state_dict`."""
     config.set_inference_dtype(torch.float32, None)
     model = config.get_model({})
     if state_dict is not None:
@@ -97,20 +101,28 @@ class ToyWorldCodec(torch.nn.Module):
         return to_latent(torch.nn.functional.avg_pool2d(x, self.ratio))
 
 
-class ToyWorldVAE(comfy.sd.VAE):
-    """A comfy.sd.VAE over the toy codec, so VAE Decode / Encode (and their tiled forms) work unchanged."""
+class CodecVAE(comfy.sd.VAE):
+    """A comfy.sd.VAE over a small codec module of our own (decode/encode, `ratio` px per latent px), so
+    VAE Decode / Encode (and their tiled forms) work unchanged."""
 
-    def __init__(self):
+    def __init__(self, codec: torch.nn.Module, ratio: int, latent_channels: int = 4):
         super().__init__(sd={"pixel_space_vae": torch.tensor(1.0)})  # the host's identity VAE set-up path ...
-        self.first_stage_model = ToyWorldCodec().eval()  # ... with the toy codec as its model
-        self.downscale_ratio = self.upscale_ratio = ToyWorldCodec.ratio
-        self.latent_channels = 4
-        pixels = lambda shape: shape[2] * shape[3] * ToyWorldCodec.ratio ** 2 * 4
+        self.first_stage_model = codec.eval()  # ... with the codec as its model
+        self.downscale_ratio = self.upscale_ratio = ratio
+        self.latent_channels = latent_channels
+        pixels = lambda shape: shape[2] * shape[3] * ratio ** 2 * 4
         self.memory_used_decode = lambda shape, dtype: pixels(shape) * comfy.model_management.dtype_size(dtype)
         self.memory_used_encode = lambda shape, dtype: shape[2] * shape[3] * 4 * comfy.model_management.dtype_size(dtype)
         self.patcher = comfy.model_patcher.ModelPatcher(self.first_stage_model, load_device=self.device,
                                                         offload_device=comfy.model_management.vae_offload_device())
         self.size = None
+
+
+class ToyWorldVAE(CodecVAE):
+    """The toy codec as a VAE."""
+
+    def __init__(self):
+        super().__init__(ToyWorldCodec(), ToyWorldCodec.ratio)
 
 
 def load_weights(path: pathlib.Path) -> tuple[dict, torch.Tensor]:

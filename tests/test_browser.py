@@ -18,6 +18,7 @@ import tiny_models
 from ultrares.patches import cutdiffusion as cd
 from ultrares.patches import pasd
 from ultrares.patches import scalecrafter as sc
+from ultrares.patches import ultrapixel as up
 from ultrares.patches import urae
 from ultrares.patches.exact_decode import plan as exact_decode_plan
 from ultrares.patches.lr_guidance import global_stride
@@ -31,7 +32,7 @@ TOY = host.REPO / "tests" / "data" / "toy_cutdiffusion_ui.json"
 WORKFLOWS = sorted((host.REPO / "workflows").glob("*.json")) + [TOY]
 MATH = "/extensions/ultrares/js/ultrares_math.js"
 INFO_NODES = {"UltraResPatchSplit", "UltraResPixelInteraction", "UltraResRedilateModel", "UltraResNoiseDampedCFG",
-              "UltraResLRConditionInjector", "UltraResURAEFlux", "UltraResExactVAEDecode"}
+              "UltraResLRConditionInjector", "UltraResURAEFlux", "UltraResExactVAEDecode", "UltraResUltraPixelLRPass"}
 
 
 def require_browser():
@@ -185,6 +186,7 @@ def test_pure_functions_match_the_python(browser):
     pasd_tiles = [(512, 320, 8), (320, 320, 8), (700, 320, 8), (32, 20, 8), (64, 16, 0)]
     strides = [((128, 128), (64, 64), 0), ((256, 128), (64, 64), 0), ((96, 96), (64, 64), 0), ((100, 60), (40, 40), 0),
                ((128, 128), (64, 64), 3)]
+    pictures = [(4096, 4096), (2560, 5120), (5120, 2560), (2304, 4096), (3072, 3072), (1536, 1536), (1000, 3000)]
     js = browser.page.evaluate("""async ([url, c]) => {
         const M = await import(url);
         return {
@@ -199,8 +201,10 @@ def test_pure_functions_match_the_python(browser):
           rounds: [0.5, 1.5, 2.5, -0.5, 2.4, 2.6].map(M.pyRound),
           pasdTiles: c.pasd.map(([n, t, o]) => M.pasdTileOrigins(n, t, o)),
           presets: {16: M.presetsFor(16), 64: M.presetsFor(64)}, targets: M.SIZE_PRESETS,
+          cascade: c.pictures.map(([h, w]) => [M.cascadeLatent(h, w), M.ultrapixelLrPixels(h, w),
+                                               M.ultrapixelTier(M.cascadeLatent(h, w)[0] * M.cascadeLatent(h, w)[1])]),
         };
-    }""", [MATH, dict(sizes=sizes, splits=splits, ratios=ratios, decays=decays, tokens=tokens, strides=strides, pasd=pasd_tiles)])
+    }""", [MATH, dict(sizes=sizes, splits=splits, ratios=ratios, decays=decays, tokens=tokens, strides=strides, pasd=pasd_tiles, pictures=pictures)])
 
     assert [(r["stride"], r["padded"]) for r in js["lattice"]] == [cd.lattice(s, p) for s, p in sizes]
     for (h, w, p, o), plan in zip(splits, js["splits"]):
@@ -224,6 +228,9 @@ def test_pure_functions_match_the_python(browser):
         assert got == global_stride(high, low, stride), (high, low, stride)
     assert js["rounds"] == [round(x) for x in (0.5, 1.5, 2.5, -0.5, 2.4, 2.6)]
     assert js["pasdTiles"] == [pasd.tile_origins(n, t, o) for n, t, o in pasd_tiles]
+    for (h, w), (hr, lr_px, tier) in zip(pictures, js["cascade"]):
+        assert (tuple(hr), tuple(lr_px)) == (up.hr_latent_size(h, w), up.lr_pixel_size(h, w)), (h, w)
+        assert tier == up.tier_weight(hr[0] * hr[1])
     for multiple, presets in js["presets"].items():
         for (w, h), (tw, th) in zip(presets, js["targets"]):
             assert w % int(multiple) == 0 and h % int(multiple) == 0

@@ -14,6 +14,9 @@
     loader and 4K Adapter Loader run unchanged. Size x1/32 (4096 -> 128 px).
   * PASD (SD1.5 4x upscale): the toy world with PASD files of its shapes, x1/16 (4096 -> 256 px), the
     tile size scaled alike, so the 4K path (tiles) runs.
+  * Stable Cascade: both CheckpointLoaderSimple -> tests/testkit's tiny StageC (with conditioning of the
+    text encoder's shape) and tiny StageB + StageA, all ComfyUI's own classes; ultrapixel_t2i is a tiny
+    file in the released layout and format. Size x1/8 (4096 -> 512 px; the LR pass keeps its 24x24 LR latent).
   * every KSampler runs 4 steps instead of 20-50.
 - The client: success (images downloaded, CLI), a validation error, a failed run, an
   interrupted run, an unreachable server.
@@ -141,14 +144,20 @@ def with_tiny_models(api: dict) -> tuple[dict, float]:
     factor = 1 / 2  # the toy demo: 1024 -> 512 px
     for nid, node in list(api.items()):
         kind, inputs = node["class_type"], node["inputs"]
-        if kind == "CheckpointLoaderSimple":
+        if kind == "CheckpointLoaderSimple" and inputs["ckpt_name"] in (build_workflows.CASCADE_C, build_workflows.CASCADE_B):
+            factor = 1 / 8
+            api[nid] = {"class_type": "UltraResTestTinyCascadeLoader",
+                        "inputs": {"stage": "c" if inputs["ckpt_name"] == build_workflows.CASCADE_C else "b", "seed": 0}}
+            redirect(api, [nid, 2], [nid, 3])  # VAE
+        elif kind == "CheckpointLoaderSimple":
             factor = 1 / 8 if inputs["ckpt_name"] == build_workflows.SDXL_CKPT else 1 / 4
             api[nid] = {"class_type": "UltraResToyWorldLoader", "inputs": {"shape": "disk"}}
             redirect(api, [nid, 2], [nid, 3])  # VAE
         elif kind == "UNETLoader":
             factor = 1 / 32
             api[nid] = {"class_type": "UltraResTestTinyFluxLoader", "inputs": {"seed": 0}}
-    loader = next(nid for nid, n in api.items() if n["class_type"] in ("UltraResToyWorldLoader", "UltraResTestTinyFluxLoader"))
+    loader = next(nid for nid, n in api.items() if n["class_type"] in ("UltraResToyWorldLoader", "UltraResTestTinyFluxLoader")
+                  or n["class_type"] == "UltraResTestTinyCascadeLoader" and n["inputs"]["stage"] == "c")
     for nid, node in list(api.items()):
         kind, inputs = node["class_type"], node["inputs"]
         if kind == "CLIPTextEncode":
@@ -156,8 +165,10 @@ def with_tiny_models(api: dict) -> tuple[dict, float]:
             del api[nid]
         elif kind == "DualCLIPLoader":
             del api[nid]
-        elif kind in ("EmptyLatentImage", "EmptySD3LatentImage"):
+        elif kind in ("EmptyLatentImage", "EmptySD3LatentImage", "StableCascade_EmptyLatentImage", "UltraResUltraPixelLRPass"):
             inputs["width"], inputs["height"] = int(inputs["width"] * factor), int(inputs["height"] * factor)
+            if "steps" in inputs:  # the UltraPixel LR pass samples too
+                inputs["steps"] = TEST_STEPS
         elif kind == "KSampler":
             inputs["steps"] = TEST_STEPS
         elif kind == "UltraResRedilateModel":  # the toy world is SD1.x with 3 levels: no reference preset fits it

@@ -225,3 +225,88 @@ def released_vae(family: str):
     if family == "sdxl":
         keys["post_quant_conv.weight"] = torch.zeros(channels, channels, 1, 1)
     return comfy.sd.VAE(sd=keys)
+
+
+# Stable Cascade at test size: ComfyUI's StageC / StageB classes through their model configs.
+STAGE_C = {
+    "stable_cascade_stage": "c", "c_in": 16, "c_out": 16, "c_r": 64, "patch_size": 1, "c_cond": 32,
+    "c_hidden": [32, 32], "nhead": [1, 1], "blocks": [[1, 1], [1, 1]], "block_repeat": [[1, 1], [1, 1]],
+    "level_config": ["CTA", "CTA"], "c_clip_text": 32, "c_clip_text_pooled": 32, "c_clip_img": 768, "c_clip_seq": 4,
+    "switch_level": [False],
+}
+STAGE_B = {
+    "stable_cascade_stage": "b", "c_in": 4, "c_out": 4, "c_r": 64, "patch_size": 4, "c_cond": 32, "c_hidden": [8, 16, 16, 16],
+    "nhead": [-1, -1, 1, 1], "blocks": [[1, 1, 1, 1], [1, 1, 1, 1]], "block_repeat": [[1, 1, 1, 1], [1, 1, 1, 1]],
+    "level_config": ["CT", "CT", "CTA", "CTA"], "c_clip": 32, "c_clip_seq": 4, "c_effnet": 16, "c_pixels": 3,
+}
+
+
+def tiny_stage_c(seed: int = 0, **overrides):
+    """Stable Cascade StageC (the 16-channel prior), two 'CTA' levels of width 32, text width 32."""
+    return _build(comfy.supported_models.Stable_Cascade_C, dict(STAGE_C, **overrides), seed)
+
+
+def tiny_stage_b(seed: int = 0, **overrides):
+    """Stable Cascade StageB (4-channel latent at 1/4 of the picture), conditioned on a 16-channel StageC latent."""
+    return _build(comfy.supported_models.Stable_Cascade_B, dict(STAGE_B, **overrides), seed)
+
+
+def cascade_conditioning(seed: int = 0, width: int = STAGE_C["c_clip_text"]) -> list:
+    """Conditioning of the Stable Cascade text encoder's shape at the tiny width (tokens + pooled)."""
+    g = torch.Generator().manual_seed(seed)
+    return [[torch.randn(1, 8, width, generator=g), {"pooled_output": torch.randn(1, 1, width, generator=g)}]]
+
+
+def ultrapixel_state_dict(ind: int = STAGE_C["c_hidden"][0], ch: int = 32, tokens: int = 1024, seed: int = 5,
+                          prefix: str = "module.") -> dict:
+    """ultrapixel_t2i's released layout (module.64.j / module.65.j, hr_norm.alpha/gamma included) at tiny widths:
+    `ind` StageC channels, `ch` token width, `tokens` position-embedding rows. Layer shapes as in the release
+    (research notes 1.7), written out here independently of the pack's code."""
+    g = torch.Generator().manual_seed(seed)
+    groups = min(64, ch)
+    shapes = released_transinr_shapes(ind, ch, tokens, groups)
+    sd = {}
+    for group in ("64", "65"):
+        for j in ("0", "1"):
+            for name, shape in shapes.items():
+                scale = 1 / math.sqrt(shape[-1] if len(shape) > 1 else 1)
+                sd[f"{prefix}{group}.{j}.{name}"] = torch.randn(shape, generator=g) * (scale if len(shape) > 1 else 0.02)
+    return sd
+
+
+def released_transinr_shapes(ind: int = 2048, ch: int = 1024, tokens: int = 1024, groups: int = 64) -> dict:
+    """Every tensor of one released TransInr and its shape (full size by default: 26.38M parameters)."""
+    pe = 256
+    return {
+        "input_layer.weight": (ch, ind, 1, 1), "input_layer.bias": (ch,),
+        "tokenizer.prefc.weight": (ch, ch), "tokenizer.prefc.bias": (ch,), "tokenizer.posemb": (tokens, ch),
+        "transformer_encoder.layers.0.0.norm.weight": (ch,), "transformer_encoder.layers.0.0.norm.bias": (ch,),
+        "transformer_encoder.layers.0.0.fn.to_q.1.weight": (ch, ch), "transformer_encoder.layers.0.0.fn.to_q.1.bias": (ch,),
+        "transformer_encoder.layers.0.0.fn.to_kv.1.weight": (2 * ch, ch), "transformer_encoder.layers.0.0.fn.to_kv.1.bias": (2 * ch,),
+        "transformer_encoder.layers.0.1.norm.weight": (ch,), "transformer_encoder.layers.0.1.norm.bias": (ch,),
+        "transformer_encoder.layers.0.1.fn.net.0.weight": (ch, ch), "transformer_encoder.layers.0.1.fn.net.0.bias": (ch,),
+        "transformer_encoder.layers.0.1.fn.net.3.weight": (ch, ch), "transformer_encoder.layers.0.1.fn.net.3.bias": (ch,),
+        "base_params.wb0": (pe + 1, ch), "base_params.wb1": (ch + 1, ch),
+        "wtoken_postfc.wb0.0.weight": (ch,), "wtoken_postfc.wb0.0.bias": (ch,),
+        "wtoken_postfc.wb0.1.weight": (pe, ch), "wtoken_postfc.wb0.1.bias": (pe,),
+        "wtoken_postfc.wb1.0.weight": (ch,), "wtoken_postfc.wb1.0.bias": (ch,),
+        "wtoken_postfc.wb1.1.weight": (ch, ch), "wtoken_postfc.wb1.1.bias": (ch,),
+        "wtokens": (2 * groups, ch),
+        "output_layer.weight": (ind, ch, 1, 1), "output_layer.bias": (ind,),
+        "mapp_t.mapper.weight": (2 * ind, 64), "mapp_t.mapper.bias": (2 * ind,),
+        "hr_norm.mapping.mapper.weight": (2 * ind, 64), "hr_norm.mapping.mapper.bias": (2 * ind,),
+        "hr_norm.alpha.weight": (ind, ind, 1, 1), "hr_norm.alpha.bias": (ind,),
+        "hr_norm.gamma.weight": (ind, ind, 1, 1), "hr_norm.gamma.bias": (ind,),
+        "toout.0.weight": (ind // 4, 2 * ind), "toout.0.bias": (ind // 4,),
+        "toout.2.weight": (ind, ind // 4), "toout.2.bias": (ind,),
+    }
+
+
+def tiny_stage_a(seed: int = 0):
+    """ComfyUI's StageA class (Stable Cascade's VQGAN, 4x) at width 16, as a VAE (the stock loader builds
+    only the full-size one)."""
+    from comfy.ldm.cascade.stage_a import StageA
+    from ultrares.nodes.toy_world import CodecVAE
+
+    codec = init_parameters(StageA(levels=2, bottleneck_blocks=1, c_hidden=16, c_latent=4, codebook_size=16), seed)
+    return CodecVAE(codec, ratio=4)

@@ -8,6 +8,7 @@ import pathlib
 import numpy as np
 import safetensors.torch
 from PIL import Image
+import torch
 
 import build_workflows
 import host
@@ -19,14 +20,16 @@ TESTKIT = {"ultrares_testkit": pathlib.Path(__file__).with_name("testkit")}
 
 def prepare_base(base: pathlib.Path) -> pathlib.Path:
     """Files the graphs load for real get tiny weights (the FLUX VAE as a 16-channel TAESD, the URAE
-    adapters at tiny_flux's shapes, the PASD files at the toy world's shapes, the picture PASD upscales); the rest
-    are empty placeholders the tests swap out before running."""
+    adapters at tiny_flux's shapes, the PASD files at the toy world's shapes, the picture PASD upscales,
+    UltraPixel's modules as a torch file at the tiny StageC's width); the rest are empty placeholders the tests swap
+    out before running."""
     host.make_base_directory(base)
     for folder, names in build_workflows.MODEL_FILES.items():
         (base / "models" / folder).mkdir(parents=True, exist_ok=True)
         for name in names:
             (base / "models" / folder / name).touch()
     tiny_models.write_tiny_taesd_vae(base / "models" / "vae" / build_workflows.FLUX_VAE, latent_channels=16)
+    torch.save(tiny_models.ultrapixel_state_dict(), base / "models" / "diffusion_models" / build_workflows.ULTRAPIXEL)  # as released
     from ultrares.nodes import toy_world
 
     toy = toy_world.build_model()  # the tests swap the SD1.5 checkpoint for the toy world: PASD files of its shapes

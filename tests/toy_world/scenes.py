@@ -44,7 +44,7 @@ def draw(canvas: torch.Tensor, kind: torch.Tensor, centre: torch.Tensor, radius:
     return canvas * (1 - inside) + colour[:, :, None, None] * inside
 
 
-def sample(batch: int, gen: torch.Generator, kinds: torch.Tensor | None = None, scale: int = 1):
+def sample(batch: int, gen: torch.Generator, kinds: torch.Tensor | None = None, scale: float = 1):
     """(pictures, kinds): a batch of random scenes, reproducible from the generator. `scale` renders the
     same scenes (same draws) at scale x SIZE: the ground truth of super-resolution."""
     rand = lambda *shape: torch.rand(*shape, generator=gen)
@@ -63,7 +63,7 @@ def sample(batch: int, gen: torch.Generator, kinds: torch.Tensor | None = None, 
     bg_b[weak] = bg_a[weak]  # rare: fall back to a flat background
     colour[weak] = torch.where(bg_a[weak] > 0, -1.0, 1.0)
     angle = rand(batch) * 2 * math.pi
-    return draw(gradient(bg_a, bg_b, angle, SIZE * scale), kind, centre * scale, radius * scale, colour), kind
+    return draw(gradient(bg_a, bg_b, angle, round(SIZE * scale)), kind, centre * scale, radius * scale, colour), kind
 
 
 def _contrast(colour, bg_a, bg_b):

@@ -8,6 +8,7 @@ import * as M from "./ultrares_math.js";
 const INFO_NODES = new Set([
   "UltraResPatchSplit", "UltraResPixelInteraction", "UltraResRedilateModel", "UltraResNoiseDampedCFG",
   "UltraResLRConditionInjector", "UltraResURAEFlux", "UltraResExactVAEDecode", "UltraResPASDTiledSampling",
+  "UltraResUltraPixelLRPass",
 ]);
 const LINE_HEIGHT = 15;
 const MAX_HOPS = 64; // graph walks stop here (cycles cannot occur, but subgraph oddities might)
@@ -254,8 +255,23 @@ function exactDecodeInfo(node) {
   };
 }
 
+// Sizes from the node's own width/height widgets (Stable Cascade's 42.67 px per StageC latent px).
+function ultrapixelInfo(node) {
+  const [h, w] = [value(node, "height"), value(node, "width")];
+  if (!h || !w) return { lines: [], data: {} };
+  const lrPx = M.ultrapixelLrPixels(h, w);
+  const lr = M.cascadeLatent(...lrPx), hr = M.cascadeLatent(h, w);
+  const tier = M.ultrapixelTier(hr[0] * hr[1]);
+  return {
+    lines: [`LR latent ${lr[1]}x${lr[0]} (${lrPx[1]}x${lrPx[0]} px, ${lr[0] * lr[1]} tokens of 1024)`,
+      `HR latent ${hr[1]}x${hr[0]}, up-path guide weight ${tier}`],
+    data: { lr, hr, tier },
+  };
+}
+
 export function nodeInfo(node) {
   if (node.type === "UltraResExactVAEDecode") return exactDecodeInfo(node);
+  if (node.type === "UltraResUltraPixelLRPass") return ultrapixelInfo(node);
   const { sampler, size } = samplerLatent(node);
   if (!size) return { lines: [sampler ? "latent size unknown" : "connect it to a sampler to see the plan"], data: {} };
   const chain = modelChain(node);

@@ -157,3 +157,25 @@ export function nativeFromName(name) {
   if (/sd1|v1-5|1\.5|sd15|sd-1|v1-4/.test(n)) return 64;
   return null;
 }
+
+// ---- UltraPixel (patches/ultrapixel.py) ----
+
+// The reference's pixel-to-StageC-latent factor and LR picture (get_target_lr_size, std 32: ~1024^2 px).
+export const CASCADE_COMPRESSION = 42.67;
+export const ULTRAPIXEL_TIERS = [[96 * 96, 0.7], [72 * 72, 0.5], [0, 0.3]];
+
+// hr_latent_size(): [h, w] = ceil(side / 42.67).
+export function cascadeLatent(heightPx, widthPx) {
+  return [Math.ceil(heightPx / CASCADE_COMPRESSION), Math.ceil(widthPx / CASCADE_COMPRESSION)];
+}
+
+// lr_pixel_size(): h = int(32 sqrt(H/W)) * 32, w = int(32 / sqrt(H/W)) * 32.
+export function ultrapixelLrPixels(heightPx, widthPx) {
+  const root = Math.sqrt(heightPx / widthPx);
+  return [Math.trunc(32 * root) * 32, Math.trunc(32 / root) * 32];
+}
+
+// tier_weight(): the up-path guide weight for an HR latent of `area` tokens.
+export function ultrapixelTier(area) {
+  return ULTRAPIXEL_TIERS.find(([min]) => area >= min)[1];
+}

@@ -1,0 +1,239 @@
+"""Train the toy StageC (nodes/toy_cascade.safetensors) and then its UltraPixel guidance modules
+(nodes/toy_cascade_ultrapixel.safetensors, in the released module.64.j / module.65.j layout): one
+seeded command each, on a CPU.
+
+    .venv/bin/python tests/toy_world/train_cascade.py base      [--steps N]   # ComfyUI's StageC class, native 32x32
+    .venv/bin/python tests/toy_world/train_cascade.py guidance  [--steps N]   # the four TransInr, base frozen
+
+base: epsilon prediction on the StageC schedule (StableCascadeSampling, shift 1: t ~ U(0, 1),
+sigma(t), input x / sqrt(sigma^2 + 1), r = t), class tokens as CLIP text tokens and their mean as
+the pooled vector, 10% unconditional (for CFG); EMA weights shipped.
+
+guidance: UltraPixel's recipe (train_t2i.py::forward_pass): an HR scene (the toy world drawn at 2x or
+4x), its LR picture (the same scene averaged down to the native 32x32), the LR latent noised at the
+fixed t = 0.05 and run through the frozen StageC under no_grad to record the four features; the HR
+latent noised at a random t and predicted with the guides added (up path at weight 1, as in
+training); MSE in eps space. Only the modules learn.
+
+Both print the loss every 50 steps, write <out>.log.json beside the weights, and use one torch
+thread (on a shared 2-core machine one thread is several times faster than two).
+"""
+
+import argparse
+import copy
+import json
+import math
+import pathlib
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+import host  # noqa: E402,F401  (the real ComfyUI host on CPU, with the pack importable)
+from toy_world import scenes  # noqa: E402
+
+import safetensors.torch  # noqa: E402
+from ultrares.nodes import toy_cascade, toy_world  # noqa: E402
+from ultrares.patches import ultrapixel as up  # noqa: E402
+
+LR_T = 0.05  # the reference's fixed LR noise level
+HR_SCALES = (2, 4)  # HR scenes per step, alternating (the benchmark samples 4x)
+EMBED_BIAS = 5.0
+
+
+def init_stage_c(unet: torch.nn.Module, gen: torch.Generator) -> None:
+    """PyTorch's default init (ComfyUI's ops skip it) from a seeded generator; GRN and the output conv start at zero."""
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    done = set()
+    for m in unet.modules():
+        for base in (torch.nn.Conv2d, torch.nn.Linear, torch.nn.LayerNorm):
+            if isinstance(m, base):
+                base.reset_parameters(m)
+                done.update(id(p) for p in m.parameters(recurse=False))
+    with torch.no_grad():
+        for p in unet.parameters():
+            if id(p) not in done:  # GlobalResponseNorm gamma / beta
+                p.zero_()
+        unet.clf[1].weight.zero_()
+        unet.clf[1].bias.zero_()
+        # The input embedding ends in a LayerNorm without affine, which would discard each patch's norm: eps
+        # prediction needs it exactly at high noise (x0 = x - sigma eps, sigma up to 100). A large bias before
+        # the LayerNorm keeps that map nearly linear.
+        embed = unet.embedding[1]
+        embed.bias.copy_(torch.randn(embed.bias.shape, generator=gen) * EMBED_BIAS)
+
+
+def init_modules(modules: torch.nn.Module, gen: torch.Generator) -> None:
+    """Default init, the reference's random position embedding / weight tokens / base weights, and the
+    fusion's last layer at zero so training starts from the unguided StageC."""
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    with torch.no_grad():
+        for m in modules.modules():
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+                torch.nn.init.xavier_uniform_(m.weight)
+                torch.nn.init.zeros_(m.bias)
+            elif isinstance(m, torch.nn.LayerNorm):
+                torch.nn.LayerNorm.reset_parameters(m)
+        for inr in (m for m in modules.modules() if isinstance(m, up.TransInr)):
+            inr.tokenizer.posemb.normal_()
+            inr.wtokens.normal_()
+            for name, p in inr.base_params.items():
+                torch.nn.init.kaiming_uniform_(p[:-1].T, a=math.sqrt(5))  # (out, in) like a Linear weight
+                p[-1].uniform_(-1 / math.sqrt(p.shape[0] - 1), 1 / math.sqrt(p.shape[0] - 1))
+            inr.toout[2].weight.zero_()
+            inr.toout[2].bias.zero_()
+
+
+def noised(x0, t, sampling, gen):
+    sigma = sampling.sigma(t)[:, None, None, None]
+    eps = torch.randn(x0.shape, generator=gen)
+    return (x0 + sigma * eps) / torch.sqrt(sigma ** 2 + 1), eps
+
+
+def stage_c_call(unet, x, t, tokens, **options):
+    return unet(x, t, clip_text=tokens, clip_text_pooled=tokens.mean(1, keepdim=True),
+                clip_img=torch.zeros(x.shape[0], 1, 768), transformer_options=options)
+
+
+def ema_update(ema: dict, live: dict, step: int) -> None:
+    decay = min(0.999, (1 + step) / (10 + step))
+    with torch.no_grad():
+        for k, v in live.items():
+            ema[k].mul_(decay).add_(v, alpha=1 - decay)
+
+
+def schedule(opt, steps):
+    warmup = max(1, min(200, steps // 10))
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda i: min(1.0, (i + 1) / warmup) * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps))))
+
+
+def optimise(loss, params, opt, sched) -> None:
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    sched.step()
+
+
+def write(tensors: dict, out: pathlib.Path, summary: dict, log: list) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    safetensors.torch.save_file({k: v.contiguous() for k, v in tensors.items()}, str(out),
+                                metadata={k: str(v) for k, v in summary.items()})
+    out.with_suffix(".log.json").write_text(json.dumps({"summary": summary, "log": log}, indent=1) + "\n")
+    print(json.dumps(summary), flush=True)
+
+
+def train_base(steps: int, batch: int, lr: float, seed: int, out: pathlib.Path) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    patcher = toy_cascade.build_model()
+    unet, sampling = patcher.model.diffusion_model, patcher.model.model_sampling
+    init_stage_c(unet, gen)
+    n_classes = len(toy_world.SHAPES)
+    embeddings = torch.nn.Parameter(torch.randn(n_classes + 1, toy_world.CONTEXT_TOKENS, toy_world.CONTEXT_DIM, generator=gen))
+    params = list(unet.parameters()) + [embeddings]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = schedule(opt, steps)
+    ema = copy.deepcopy(dict(unet.state_dict(), **{toy_world.EMBEDDINGS_KEY: embeddings.detach()}))
+    unet.train()
+    log, started, running = [], time.monotonic(), None
+    for step in range(1, steps + 1):
+        rgb, kinds = scenes.sample(batch, gen)
+        labels = torch.where(torch.rand(batch, generator=gen) < 0.1, n_classes, kinds)
+        t = torch.rand(batch, generator=gen)
+        x_t, eps = noised(toy_world.to_latent(rgb), t, sampling, gen)
+        loss = torch.nn.functional.mse_loss(stage_c_call(unet, x_t, t, embeddings[labels]), eps)
+        optimise(loss, params, opt, sched)
+        ema_update(ema, dict(unet.state_dict(), **{toy_world.EMBEDDINGS_KEY: embeddings.detach()}), step)
+        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        if step % 50 == 0 or step == steps:
+            log.append({"step": step, "loss": round(running, 5), "seconds": round(time.monotonic() - started, 1)})
+            print(f"step {step}/{steps} loss {running:.5f} {log[-1]['seconds']:.0f}s", flush=True)
+    summary = {"phase": "base", "steps": steps, "batch": batch, "lr": lr, "seed": seed, "final_loss": log[-1]["loss"],
+               "seconds": log[-1]["seconds"], "threads": torch.get_num_threads()}
+    write(ema, out, summary, log)
+    return summary
+
+
+def module_shapes(ind: int) -> dict:
+    """The toy modules: the released architecture at width 32, position embedding for the native LR grid."""
+    native = toy_cascade.NATIVE // toy_cascade.PATCH
+    shape = up.TransInrShape(ind=ind, ch=64, tokens=native * native, ff_dim=64, pe_features=256, hidden=64,
+                             groups=(64, 64), time_dim=64, scale_dim=64, fuse_dim=ind // 4)
+    return {key: shape for key in up.HOOKS}
+
+
+def train_guidance(steps: int, batch: int, lr: float, seed: int, out: pathlib.Path, base: pathlib.Path) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    patcher, embeddings = toy_cascade.load(base)
+    unet, sampling = patcher.model.diffusion_model, patcher.model.model_sampling
+    unet.requires_grad_(False)
+    std = (toy_cascade.NATIVE // toy_cascade.PATCH) ** 2
+    modules = up.UltraPixelModules(module_shapes(toy_cascade.STAGE_C["c_hidden"][0]), std_tokens=std)
+    init_modules(modules, gen)
+    features = up.LRFeatures()
+    r_of = lambda options, b: options["r"]  # training: each sample its own t
+    blocks = {key: getattr(unet, key[0])[key[1]][up.HOOK_BLOCK] for key in up.HOOKS}
+    originals = {key: b.forward for key, b in blocks.items()}
+    params = list(modules.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = schedule(opt, steps)
+    ema = copy.deepcopy(modules.state_dict())
+    log, started, running = [], time.monotonic(), None
+    n_classes = len(toy_world.SHAPES)
+    try:
+        for step in range(1, steps + 1):
+            scale = HR_SCALES[step % len(HR_SCALES)]
+            rgb, kinds = scenes.sample(batch, gen, scale=scale)
+            hr = toy_world.to_latent(rgb)
+            lr_pic = torch.nn.functional.avg_pool2d(hr, scale)
+            labels = torch.where(torch.rand(batch, generator=gen) < 0.1, n_classes, kinds)
+            tokens = embeddings[labels]
+            with torch.no_grad():  # the LR features at t = 0.05 (cond only: the label is the prompt)
+                t_lr = torch.full((batch,), LR_T)
+                x_lr, _ = noised(lr_pic, t_lr, sampling, gen)
+                for key, b in blocks.items():
+                    b.forward = up.GuidedBlock(originals[key], key, features, r_of, record_sigma=float(sampling.sigma(t_lr[:1])))
+                stage_c_call(unet, x_lr, t_lr, tokens, sigmas=sampling.sigma(t_lr), cond_or_uncond=[0])
+            t = torch.rand(batch, generator=gen)
+            x_t, eps = noised(hr, t, sampling, gen)
+            for key, b in blocks.items():  # training mode: every guide at weight 1
+                b.forward = up.GuidedBlock(originals[key], key, features, r_of, modules.at(*key), lambda h, w: 1.0)
+            pred = stage_c_call(unet, x_t, t, tokens, r=t, cond_or_uncond=[0])
+            loss = torch.nn.functional.mse_loss(pred, eps)
+            optimise(loss, params, opt, sched)
+            ema_update(ema, modules.state_dict(), step)
+            running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+            if step % 50 == 0 or step == steps:
+                log.append({"step": step, "loss": round(running, 5), "seconds": round(time.monotonic() - started, 1)})
+                print(f"step {step}/{steps} loss {running:.5f} {log[-1]['seconds']:.0f}s", flush=True)
+    finally:
+        for key, b in blocks.items():
+            del b.forward
+    released = {f"module.{'64' if k.startswith('agg_net.') else '65'}.{k.split('.', 1)[1]}": v for k, v in ema.items()}
+    summary = {"phase": "guidance", "steps": steps, "batch": batch, "lr": lr, "seed": seed, "hr_scales": list(HR_SCALES),
+               "lr_t": LR_T, "final_loss": log[-1]["loss"], "seconds": log[-1]["seconds"], "threads": torch.get_num_threads()}
+    write(released, out, summary, log)
+    return summary
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("phase", choices=("base", "guidance"))
+    p.add_argument("--steps", type=int)
+    p.add_argument("--batch", type=int)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=pathlib.Path)
+    p.add_argument("--base", type=pathlib.Path, default=toy_cascade.WEIGHTS, help="guidance: the trained toy StageC")
+    a = p.parse_args()
+    torch.set_num_threads(1)
+    if a.phase == "base":
+        train_base(a.steps or 2000, a.batch or 32, a.lr, a.seed, a.out or toy_cascade.WEIGHTS)
+    else:
+        train_guidance(a.steps or 400, a.batch or 8, a.lr, a.seed, a.out or toy_cascade.ULTRAPIXEL_WEIGHTS, a.base)
+
+
+if __name__ == "__main__":
+    main()
