@@ -3,17 +3,15 @@ device), PACA sits where the reference puts it, is exact where it should be a no
 the layers that have it, CFG batching and batch size do not matter, the original model is untouched,
 and wrong files / inputs get clear errors."""
 
-import pathlib
-
 import pytest
 import safetensors.torch
 import torch
 
 import comfy.cldm.cldm
-import comfy.ldm.modules.attention as attention
-import comfy.ldm.modules.diffusionmodules.openaimodel as openaimodel
 import comfy.model_detection
 import comfy.model_patcher
+import comfy.ops
+import comfy.patcher_extension
 import comfy.supported_models
 import host
 import tiny_models
