@@ -161,15 +161,36 @@ def read_workflow(path: pathlib.Path) -> list[Sampling]:
     return out
 
 
+# The nodes that load a model a workflow computes with, and their file input.
+MODEL_FILE_INPUTS = {"CheckpointLoaderSimple": "ckpt_name", "UNETLoader": "unet_name", "UltraResPASDUNetLoader": "unet_name",
+                     "UltraResPASDControlNetLoader": "control_net_name", "UltraResUltraPixelLoader": "ultrapixel_name"}
+
+
+def _model_files(graph: dict) -> list[str]:
+    return [n["inputs"][MODEL_FILE_INPUTS[n["class_type"]]] for n in graph.values() if n["class_type"] in MODEL_FILE_INPUTS]
+
+
 def workflows(names=None) -> dict[str, list[Sampling]]:
-    """The bundled workflows that run a real model family (the toy world's is left out)."""
+    """The bundled workflows that run a model family counted here (the toy world's is left out, and so are
+    those `uncounted()` names)."""
     out = {}
     for path in sorted(WORKFLOWS.glob("*.json")):
         if names and path.stem not in names:
             continue
-        graph = json.loads(path.read_text())
-        if any(n["class_type"] in LOADERS for n in graph.values()):
+        files = _model_files(json.loads(path.read_text()))
+        if files and all(f in FILES for f in files):
             out[path.stem] = read_workflow(path)
+    return out
+
+
+def uncounted() -> dict[str, list[str]]:
+    """Bundled workflows on models this accounting does not build yet (PASD's ControlNet + PACA, Stable
+    Cascade's StageB and UltraPixel's LR pass): {workflow: its model files not in FILES}."""
+    out = {}
+    for path in sorted(WORKFLOWS.glob("*.json")):
+        missing = [f for f in _model_files(json.loads(path.read_text())) if f not in FILES]
+        if missing:
+            out[path.stem] = missing
     return out
 
 

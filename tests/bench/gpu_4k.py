@@ -114,10 +114,12 @@ def stratified(steps: int, count: int) -> list[int]:
 
 
 def resized(samplings, size, scale):
-    """The final sampler at `size`, every size divided by `scale` (CPU smoke mode)."""
+    """The final sampler at `size`, earlier ones (LR passes) scaled alike per side so that they keep the
+    target's aspect ratio, every size divided by `scale` (CPU smoke mode)."""
     out = []
-    for i, s in enumerate(samplings):
-        w, h = size if i == len(samplings) - 1 else (s.width, s.height)
+    final = samplings[-1]
+    for s in samplings:
+        w, h = round(s.width * size[0] / final.width), round(s.height * size[1] / final.height)
         out.append(chains.Sampling(s.name, s.arch, s.nodes, w // scale, h // scale, s.steps, s.cfg, s.sampler, s.scheduler))
     return out
 
@@ -168,6 +170,8 @@ def main(argv=None):
             torch.cuda.empty_cache()
         # CPU smoke mode in float32: half-precision convolutions on a CPU are emulated and 50x slower
         patcher = random_model(arch, device, configs.get(family), None if device.type == "cuda" else torch.float32)
+        if scale > 1:  # sizes are divided by `scale`: so is the native side the nodes check sizes against
+            patcher.model.model_config.native_latent_size = arch.native // scale
         weights = sum(p.numel() * p.element_size() for p in patcher.model.diffusion_model.parameters())
         for workflow in names:
             for size in sizes:
