@@ -55,7 +55,7 @@ FLUX_DIT = {
 }
 
 
-def _flux_host_config(dit_config: dict) -> dict:
+def flux_host_config(dit_config: dict) -> dict:
     """FLUX_DIT as this host's Flux class takes it: newer hosts (0.8.0, with FLUX.2) require `txt_ids_dims`,
     the text ids' position axes, which the checkpoint detection sets to none for FLUX.1; 0.3.75 has no such field."""
     fields = {f.name for f in dataclasses.fields(comfy.ldm.flux.model.FluxParams)}
@@ -66,7 +66,7 @@ def _build(config_class, unet_config, seed):
     if "channel_mult" in unet_config:  # UNet configs come in the compact form; DiT configs are used as they are
         unet_config = comfy.model_detection.convert_config(dict(unet_config))
     elif unet_config.get("image_model") == "flux":
-        unet_config = _flux_host_config(unet_config)
+        unet_config = flux_host_config(unet_config)
     model_config = config_class(dict(unet_config))
     model_config.set_inference_dtype(torch.float32, None)
     model = model_config.get_model({})

@@ -87,6 +87,10 @@ def build(arch: Arch, device="meta", dtype=None, config: dict | None = None) -> 
     with uninitialised weights on `device` (meta: no memory at all)."""
     dtype = dtype or arch.dtype
     unet_config = config if config is not None else arch.unet_config()
+    if unet_config.get("image_model") == "flux":
+        from tiny_models import flux_host_config  # the FLUX config as this host's Flux class takes it
+
+        unet_config = flux_host_config(unet_config)
     model_config = arch.config_class(dict(unet_config))
     model_config.set_inference_dtype(dtype, None)
     model = model_config.get_model({}, device=device)
