@@ -6,9 +6,10 @@ JPEG-like quantisation + 4x down-sampling, tests/toy_world/sr_task.py) are upsca
   controlnet-only  the trained toy PASD ControlNet without PACA (plain SD + ControlNet)
   pasd             the toy PASD: ControlNet + PACA (PASD UNet Loader)
 both ControlNet entries from the reference's init latent (the encoded hint, double-noised: x sqrt(abar_900),
-then sampled from sigma_max) with the class as the prompt (PASD's high-level information).
+then sampled from sigma_max) with the class as the prompt (PASD's high-level information), decoded and
+colour-fixed against the hint as the bundled workflow does (PASD Color Fix); `pasd-raw` is PASD before it.
 
-  .venv/bin/python tests/bench/pasd_sr.py --json out/pasd_sr.json [--scenes 12] [--steps 20]
+  .venv/bin/python tests/bench/pasd_sr.py --json out/pasd_sr.json [--scenes 12] [--steps 20] [--methods pasd,bicubic]
 
 Figures per method (at latent resolution, where toy pictures live):
   psnr         dB against the ground truth (RGB in [0, 1])
@@ -72,15 +73,27 @@ def figures(out, gt):
             "repetition": sum(r.objects > 1 for r in readings) / len(readings)}
 
 
+def save_strip(path: pathlib.Path, rows: list) -> None:
+    """Pictures at latent resolution, each row side by side, rows stacked (a 2x nearest zoom so edges stay visible)."""
+    from PIL import Image
+    grid = torch.cat([torch.cat(list(r[:, :3]), dim=-1) for r in rows], dim=-2)
+    grid = F.interpolate(grid[None], scale_factor=2, mode="nearest")[0]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(((grid.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()).save(path)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", type=pathlib.Path)
     p.add_argument("--scenes", type=int, default=12)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--seed", type=int, default=1000, help="held-out scenes: training draws from seed 0")
+    p.add_argument("--save-dir", type=pathlib.Path, help="write one PNG per method (its pictures side by side, ground truth first)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (one is fastest on a shared 2-core machine)")
+    p.add_argument("--methods", default="", help="comma-separated subset of the methods (default: all)")
     p.add_argument("--weights-dir", type=pathlib.Path, default=train_pasd.OUT_DIR, help="where the toy PASD files are (default: the shipped ones)")
     args = p.parse_args(argv)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     comfy.utils.PROGRESS_BAR_ENABLED = False
     gen = torch.Generator().manual_seed(args.seed)
     gt, kinds = sr_task.ground_truth(args.scenes, gen, SCALE)
@@ -111,6 +124,16 @@ def main(argv=None):
         "controlnet-only": (model, init_scale, 1.0, True),
         "pasd": (pasd_model, init_scale, 1.0, True),
     }
+    if args.methods:
+        unknown = set(args.methods.split(",")) - set(methods) - {"pasd-raw"}
+        if unknown:
+            raise SystemExit(f"--methods: unknown {sorted(unknown)}; choose from {sorted(methods)}")
+        methods = {k: v for k, v in methods.items() if k in args.methods.split(",") or (k == "pasd" and "pasd-raw" in args.methods)}
+
+    def color_fixed(latent):
+        image = vae.decode(latent)
+        return vae.encode(node("UltraResPASDColorFix", image=image, reference=images, levels=5)[0])
+
     results = {"ground_truth": figures(toy_world.to_latent(gt), gt)}
     for name, spec in methods.items():
         start = time.perf_counter()
@@ -118,8 +141,19 @@ def main(argv=None):
             out = encoded
         else:
             m, scale, denoise, control = spec
-            out = torch.cat([sample(m, i, encoded[i:i + 1] * scale, denoise, control) for i in range(args.scenes)])
-        results[name] = figures(out, gt) | {"sec_per_image": (time.perf_counter() - start) / args.scenes}
+            out = []
+            for i in range(args.scenes):
+                out.append(sample(m, i, encoded[i:i + 1] * scale, denoise, control))
+                print(f"  {name} {i + 1}/{args.scenes} {time.perf_counter() - start:.0f}s", flush=True)
+            out = torch.cat(out)
+        seconds = (time.perf_counter() - start) / args.scenes
+        if spec is not None and spec[3]:  # the ControlNet methods: PASD's recipe ends with the colour fix
+            if name == "pasd":
+                results["pasd-raw"] = figures(out, gt) | {"sec_per_image": seconds}
+            out = color_fixed(out)
+        results[name] = figures(out, gt) | {"sec_per_image": seconds}
+        if args.save_dir:
+            save_strip(args.save_dir / f"{name}.png", [toy_world.to_latent(gt), out])
         print(f"{name}: {results[name]}", flush=True)
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -133,4 +167,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    with torch.inference_mode():  # as the host's executor runs nodes (loaded ControlNet weights require grad)
+        main()

@@ -1,6 +1,6 @@
 """Train a tiny PASD for the frozen toy UNet: one command, seeded, on a CPU.
 
-    .venv/bin/python tests/toy_world/train_pasd.py [--steps N] [--batch B] [--out-dir nodes/]
+    .venv/bin/python tests/toy_world/train_pasd.py [--steps 2000] [--batch 8] [--crop 16] [--out-dir nodes/]
 
 As the reference's train_pasd.py, on the toy SR task (tests/toy_world/sr_task.py):
 - a ControlNet branch of ComfyUI's own ControlNet class (comfy.cldm.cldm), initialised from the toy UNet's
@@ -39,7 +39,7 @@ from ultrares.patches import pasd  # noqa: E402
 
 OUT_DIR = toy_world.WEIGHTS.parent
 UNET_FILE, CONTROLNET_FILE, LOG_FILE = "toy_pasd_unet.safetensors", "toy_pasd_controlnet.safetensors", "toy_pasd.log.json"
-CROP = 16  # latent px per training crop (half the toy's native size: what a shared 2-core CPU trains in ~25 min)
+CROP = 16  # latent px per training crop by default (a quarter of a 4x scene's side: ~0.8 s per step of 8 on one CPU thread)
 RGB_STAGES = (5, 9, 13)  # input_hint_block indices of the SiLUs after the three stride-2 convs (32, 96, 256 channels)
 
 
@@ -69,7 +69,7 @@ def build(patcher, gen):
     return net, to_rgbs, paca, config
 
 
-def batch_of(batch, gen):
+def batch_of(batch, gen, crop=CROP):
     """(noisy-latent inputs ready: x0 crop, hint crop, HR crop image targets, class labels)."""
     gt, kinds = sr_task.ground_truth(batch, gen)
     lrs = sr_task.degrade(gt, gen)
@@ -77,10 +77,10 @@ def batch_of(batch, gen):
     x0, hints = [], []
     for i, lr in enumerate(lrs):
         full = sr_task.hint(lr, (size, size))
-        y, x = (int(v) for v in torch.randint(0, size - CROP + 1, (2,), generator=gen))
-        x0.append(gt[i:i + 1, :, y:y + CROP, x:x + CROP])
+        y, x = (int(v) for v in torch.randint(0, size - crop + 1, (2,), generator=gen))
+        x0.append(gt[i:i + 1, :, y:y + crop, x:x + crop])
         r = sr_task.RATIO
-        hints.append(full[:, :, y * r:(y + CROP) * r, x * r:(x + CROP) * r])
+        hints.append(full[:, :, y * r:(y + crop) * r, x * r:(x + crop) * r])
     return torch.cat(x0), torch.cat(hints), kinds
 
 
@@ -100,8 +100,8 @@ def save(net, to_rgbs, paca, config, patcher, out_dir: pathlib.Path, metadata: d
     safetensors.torch.save_file({k: v.contiguous() for k, v in unet.items()}, str(out_dir / UNET_FILE), metadata=meta)
 
 
-def train(steps: int, batch: int, lr: float, seed: int, out_dir: pathlib.Path, rgb_weight: float = 1.0) -> dict:
-    torch.set_num_threads(2)
+def train(steps: int, batch: int, lr: float, seed: int, out_dir: pathlib.Path, rgb_weight: float = 1.0, threads: int = 1, crop: int = CROP) -> dict:
+    torch.set_num_threads(threads)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     unet_sd, embeddings = toy_world.load_weights(toy_world.WEIGHTS)
@@ -124,7 +124,7 @@ def train(steps: int, batch: int, lr: float, seed: int, out_dir: pathlib.Path, r
     n_classes = len(toy_world.SHAPES)
     log, started, running = [], time.monotonic(), None
     for step in range(1, steps + 1):
-        x0_rgb, hint, kinds = batch_of(batch, gen)
+        x0_rgb, hint, kinds = batch_of(batch, gen, crop)
         x0 = toy_world.to_latent(x0_rgb)
         labels = torch.where(torch.rand(batch, generator=gen) < 0.5, n_classes, kinds)
         context = embeddings[labels]
@@ -152,7 +152,7 @@ def train(steps: int, batch: int, lr: float, seed: int, out_dir: pathlib.Path, r
             log.append({"step": step, "eps_loss": round(running[0], 5), "rgb_l1": round(running[1], 5), "seconds": round(elapsed, 1)})
             print(f"step {step}/{steps} eps {running[0]:.5f} rgb {running[1]:.5f} {elapsed:.0f}s", flush=True)
     patched.eject_model()
-    summary = {"steps": steps, "batch": batch, "lr": lr, "seed": seed, "crop": CROP, "final_eps_loss": log[-1]["eps_loss"],
+    summary = {"steps": steps, "batch": batch, "lr": lr, "seed": seed, "crop": crop, "final_eps_loss": log[-1]["eps_loss"],
                "final_rgb_l1": log[-1]["rgb_l1"], "seconds": log[-1]["seconds"], "threads": torch.get_num_threads()}
     save(net, to_rgbs, paca, config, patcher, out_dir, summary)
     (out_dir / LOG_FILE).write_text(json.dumps({"summary": summary, "log": log}, indent=1))
@@ -162,13 +162,15 @@ def train(steps: int, batch: int, lr: float, seed: int, out_dir: pathlib.Path, r
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", type=pathlib.Path, default=OUT_DIR)
+    p.add_argument("--crop", type=int, default=CROP, help="latent px per training crop")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (one is fastest on a shared 2-core machine)")
     a = p.parse_args()
-    train(a.steps, a.batch, a.lr, a.seed, a.out_dir)
+    train(a.steps, a.batch, a.lr, a.seed, a.out_dir, threads=a.threads, crop=a.crop)
 
 
 if __name__ == "__main__":
