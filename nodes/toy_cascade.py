@@ -5,7 +5,7 @@ in the released layout (module.64.j / module.65.j). It shows UltraPixel working 
 own native-size pass it should not.
 
 Its latent is the toy world's picture (4 channels, the toy VAE: one latent px = 8x8 px); StageC
-patch size 4, so the StageC grid is 8x8 at the native 32x32 latent (UltraPixel's LR grid is 24x24
+patch size 2, so the StageC grid is 16x16 at the native 32x32 latent (UltraPixel's LR grid is 24x24
 on the real model; the scale embedding and size tiers are taken relative to the native grid).
 """
 
@@ -21,7 +21,7 @@ from . import toy_world
 
 WEIGHTS = pathlib.Path(__file__).with_name("toy_cascade.safetensors")
 ULTRAPIXEL_WEIGHTS = pathlib.Path(__file__).with_name("toy_cascade_ultrapixel.safetensors")
-PATCH = 4
+PATCH = 2
 NATIVE = toy_world.NATIVE_LATENT_SIZE  # 32 latent px
 CLIP_DIM = toy_world.CONTEXT_DIM
 STAGE_C = {
