@@ -3,6 +3,10 @@ device), PACA sits where the reference puts it, is exact where it should be a no
 the layers that have it, CFG batching and batch size do not matter, the original model is untouched,
 and wrong files / inputs get clear errors."""
 
+import math
+import pathlib
+import sys
+
 import pytest
 import safetensors.torch
 import torch
@@ -411,3 +415,13 @@ def test_toy_training_smoke_saves_the_released_layouts_that_the_loaders_read(tmp
     cn = host.run_node(pasd_nodes.PASDControlNetLoader, model=model, control_net_name=f"smoke_{train_pasd.CONTROLNET_FILE}")[0]
     trained = {k: v for k, v in cn_keys.items() if k.startswith("controlnet_down_blocks.0.")}
     assert torch.equal(cn.control_model.zero_convs[0][0].weight, trained["controlnet_down_blocks.0.weight"])
+
+
+def test_sr_bench_runs_on_the_shipped_toy_pasd():
+    sys.path.insert(0, str(pathlib.Path(__file__).parent / "bench"))
+    import pasd_sr
+
+    results = pasd_sr.main(["--scenes", "1", "--steps", "1", "--methods", "bicubic,controlnet-only", "--threads", str(torch.get_num_threads())])
+    assert set(results) == {"ground_truth", "bicubic", "controlnet-only"}
+    for name in ("bicubic", "controlnet-only"):
+        assert math.isfinite(results[name]["psnr"]) and 0 <= results[name]["clean_rate"] <= 1

@@ -82,6 +82,7 @@ def save_strip(path: pathlib.Path, rows: list) -> None:
     Image.fromarray(((grid.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()).save(path)
 
 
+@torch.inference_mode()  # as the host's executor runs nodes: the loaded ControlNet's weights require grad
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", type=pathlib.Path)
@@ -167,5 +168,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    with torch.inference_mode():  # as the host's executor runs nodes (loaded ControlNet weights require grad)
-        main()
+    main()
