@@ -126,10 +126,13 @@ def main(argv=None):
         "pasd": (pasd_model, init_scale, 1.0, True),
     }
     if args.methods:
-        unknown = set(args.methods.split(",")) - set(methods) - {"pasd-raw"}
+        wanted = set(args.methods.split(","))
+        if "pasd-raw" in wanted:  # read off the pasd run before its colour fix
+            wanted = wanted - {"pasd-raw"} | {"pasd"}
+        unknown = wanted - set(methods)
         if unknown:
-            raise SystemExit(f"--methods: unknown {sorted(unknown)}; choose from {sorted(methods)}")
-        methods = {k: v for k, v in methods.items() if k in args.methods.split(",") or (k == "pasd" and "pasd-raw" in args.methods)}
+            raise SystemExit(f"--methods: unknown {sorted(unknown)}; choose from {sorted(methods) + ['pasd-raw']}")
+        methods = {k: v for k, v in methods.items() if k in wanted}
 
     def color_fixed(latent):
         image = vae.decode(latent)

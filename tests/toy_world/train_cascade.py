@@ -7,15 +7,13 @@ seeded command each, on a CPU.
 
 base: epsilon prediction on the StageC schedule (StableCascadeSampling, shift 1: t ~ U(0, 1),
 sigma(t), input x / sqrt(sigma^2 + 1), r = t), class tokens as CLIP text tokens and their mean as
-the pooled vector, 10% unconditional (for CFG)
-EMA weights shipped.
+the pooled vector, 10% unconditional (for CFG); EMA weights shipped.
 
 guidance: UltraPixel's recipe (train_t2i.py::forward_pass): an HR scene (the toy world drawn at 2x or
 4x), its LR picture (the same scene averaged down to the native 32x32), the LR latent noised at the
 fixed t = 0.05 and run through the frozen StageC under no_grad to record the four features; the HR
 latent noised at a random t and predicted with the guides added (up path at weight 1, as in
-training)
-MSE in eps space. Only the modules learn.
+training); MSE in eps space. Only the modules learn.
 
 Both print the loss every 50 steps, write <out>.log.json beside the weights, and use one torch
 thread (on a shared 2-core machine one thread is several times faster than two).

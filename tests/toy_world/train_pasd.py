@@ -100,8 +100,7 @@ def save(net, to_rgbs, paca, config, patcher, out_dir: pathlib.Path, metadata: d
     safetensors.torch.save_file({k: v.contiguous() for k, v in unet.items()}, str(out_dir / UNET_FILE), metadata=meta)
 
 
-def train(steps: int, batch: int, lr: float, seed: int, out_dir: pathlib.Path, rgb_weight: float = 1.0, threads: int = 1, crop: int = CROP) -> dict:
-    torch.set_num_threads(threads)
+def train(steps: int, batch: int, lr: float, seed: int, out_dir: pathlib.Path, rgb_weight: float = 1.0, crop: int = CROP) -> dict:
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     unet_sd, embeddings = toy_world.load_weights(toy_world.WEIGHTS)
@@ -170,7 +169,8 @@ def main():
     p.add_argument("--crop", type=int, default=CROP, help="latent px per training crop")
     p.add_argument("--threads", type=int, default=1, help="torch threads (one is fastest on a shared 2-core machine)")
     a = p.parse_args()
-    train(a.steps, a.batch, a.lr, a.seed, a.out_dir, threads=a.threads, crop=a.crop)
+    torch.set_num_threads(a.threads)  # here, not in train(): a test calling train() keeps its own threads
+    train(a.steps, a.batch, a.lr, a.seed, a.out_dir, crop=a.crop)
 
 
 if __name__ == "__main__":
