@@ -172,6 +172,10 @@ class Profile:
         root = (height / width) ** 0.5
         return self._latent(self.native_side * root, self.native_side / root)
 
+    def tokens(self, latent: tuple[int, int]) -> int:
+        """StageC tokens of a latent: one per patch."""
+        return (latent[0] // self.patch) * (latent[1] // self.patch)
+
     @property
     def std_tokens(self) -> int:
         side = 24 if self.native_side is None else self.native_side // self.patch
@@ -259,15 +263,21 @@ def recording_model(model, features: up.LRFeatures, record_sigma: float):
     return m
 
 
-def sample_lr(model, positive, negative, latent, seed, steps, cfg, sampler_name, scheduler):
+def pass_sigmas(model, scheduler, steps, denoise):
+    """The sigmas KSampler runs for (steps, denoise): the tail of a longer schedule below 1 (KSampler.set_steps)."""
+    total = steps if denoise > 0.9999 else int(steps / denoise)
+    return comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, total)[-(steps + 1):]
+
+
+def sample_lr(model, positive, negative, latent, seed, steps, cfg, sampler_name, scheduler, denoise=1.0):
     """The LR pass with the reference's recipe; returns (LR latent, the four features at the last step)."""
-    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps)
+    sigmas = pass_sigmas(model, scheduler, steps, denoise)
     features = up.LRFeatures()
     recorder = recording_model(model, features, float(sigmas[-2]))  # the last step's input: t ~ 0.05 at 20 steps
     noise = comfy.sample.prepare_noise(latent, seed)
     callback = latent_preview.prepare_callback(recorder, steps)
     samples = comfy.sample.sample(recorder, noise, steps, cfg, sampler_name, scheduler, positive, negative, latent,
-                                  denoise=1.0, seed=seed, callback=callback, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED)
+                                  denoise=denoise, seed=seed, callback=callback, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED)
     return samples, features
 
 
@@ -304,6 +314,10 @@ class UltraPixelLRPass(io.ComfyNode):
                 io.Float.Input("cfg_rescale", default=0.7, min=0.0, max=1.0, step=0.01, tooltip=(
                     "GDF's CFG rescale in eps space for both passes (reference 0.7; 0 = plain CFG).")),
                 io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="Pictures per run (LR and HR)."),
+                io.Float.Input("denoise", default=1.0, min=0.5, max=1.0, step=0.01, optional=True, tooltip=(
+                    "Where the LR pass starts on the schedule, from pure noise (reference 1.0, GDF's t_start 1). Below 1 it "
+                    "skips the first, highest sigmas (StageC's schedule starts at sigma 100): for models that are imprecise "
+                    "there, such as the toy StageC. Use the same denoise in the HR KSampler.")),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="StageC that injects the LR features: sample the HR latent with it."),
@@ -314,7 +328,7 @@ class UltraPixelLRPass(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, negative, width, height, seed, steps, cfg, sampler_name, scheduler, shift,
-                cfg_rescale, batch_size) -> io.NodeOutput:
+                cfg_rescale, batch_size, denoise=1.0) -> io.NodeOutput:
         error = functools.partial(input_error, LR_PASS)
         dit = stage_c(model, LR_PASS)
         modules = model.get_attachment(KEY)
@@ -322,13 +336,13 @@ class UltraPixelLRPass(io.ComfyNode):
             raise error("model", "the StageC carries no UltraPixel modules", "put UltraPixel Loader between the StageC loader and this node")
         profile = native_profile(model)
         lr, hr = profile.lr_latent(height, width), profile.hr_latent(height, width)
-        if lr[0] * lr[1] > modules.max_tokens:
-            raise error("width", f"the LR latent {lr[1]}x{lr[0]} has {lr[0] * lr[1]} tokens but the UltraPixel modules take at "
+        if profile.tokens(lr) > modules.max_tokens:
+            raise error("width", f"the LR latent {lr[1]}x{lr[0]} has {profile.tokens(lr)} tokens but the UltraPixel modules take at "
                         f"most {modules.max_tokens}", "use a less extreme aspect ratio")
         channels = model.model.latent_format.latent_channels
         sampling = reference_sampling(model, shift, cfg_rescale)
         lr_latent = torch.zeros(batch_size, channels, *lr)
-        samples, features = sample_lr(sampling, positive, negative, lr_latent, seed, steps, cfg, sampler_name, scheduler)
+        samples, features = sample_lr(sampling, positive, negative, lr_latent, seed, steps, cfg, sampler_name, scheduler, denoise)
         if not features.complete:
             raise error("sampler_name", f"{sampler_name} never evaluated the model at the last step's sigma, so no LR features "
                         "were recorded", "use a one-call-per-step sampler such as euler_ancestral, ddpm or euler")

@@ -273,6 +273,17 @@ def test_lr_pass_records_the_conditional_features_at_the_last_step_and_sizes_the
     torch.testing.assert_close(both[0], f[0]) and torch.testing.assert_close(both[1], f[0])
 
 
+def test_lr_pass_below_denoise_1_runs_ksamplers_truncated_schedule(loaded):
+    model, _, lr = lr_pass(loaded, denoise=0.6)
+    features = next(iter(model.object_patches[node.hook_target(key)] for key in up.HOOKS)).features
+    assert features.complete  # recorded at a sigma the sampler evaluated: the truncated schedule's last step
+    ksampler = comfy.samplers.KSampler(model, STEPS, "cpu", "euler_ancestral", "simple", denoise=0.6)
+    torch.testing.assert_close(node.pass_sigmas(model, "simple", STEPS, 0.6), ksampler.sigmas)
+    torch.testing.assert_close(node.pass_sigmas(model, "simple", STEPS, 1.0), comfy.samplers.KSampler(model, STEPS, "cpu", "euler_ancestral", "simple").sigmas)
+    assert float(ksampler.sigmas[0]) < 99  # starts below StageC's sigma_max (100)
+    assert not torch.equal(lr["samples"], lr_pass(loaded)[2]["samples"])
+
+
 def test_recorded_feature_is_the_attn_block_output_of_the_cond_half():
     feats = up.LRFeatures()
     calls = []

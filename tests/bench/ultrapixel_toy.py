@@ -5,7 +5,7 @@
 
 Both run through the real host's nodes (UltraPixel Loader on the shipped toy modules, UltraPixel LR
 Pass, KSampler's sampling) with the toy StageC's settings (euler_ancestral / simple / 20 steps /
-CFG 4, shift 1, CFG rescale 0.7 for both), one picture per seed (its own noise, shape seed % 3),
+denoise 0.9 / CFG 4, shift 1, CFG rescale 0.7 for both), one picture per seed (its own noise, shape seed % 3),
 batched per shape, one torch thread. Per method it reports the repetition figures of
 tests/bench/repetition.py (repetition_rate, clean_rate, ...), sec_per_image (wall seconds of
 sampling per picture, the LR pass included for UltraPixel; both measured in this run) and, for
@@ -36,7 +36,7 @@ from ultrares.nodes import toy_cascade, toy_world  # noqa: E402
 from ultrares.nodes import ultrapixel as node  # noqa: E402
 
 SAMPLING = toy_cascade.SAMPLING
-SAMPLER, SCHEDULER, STEPS, CFG = (SAMPLING[k] for k in ("sampler_name", "scheduler", "steps", "cfg"))
+SAMPLER, SCHEDULER, STEPS, CFG, DENOISE = (SAMPLING[k] for k in ("sampler_name", "scheduler", "steps", "cfg", "denoise"))
 SHIFT, RESCALE = 1.0, 0.7
 PX = toy_world.ToyWorldCodec.ratio  # picture px per latent px
 
@@ -62,10 +62,10 @@ def run(method, model, embeddings, seeds, size):
             sampler_model, hr, lr = host.run_node(
                 node.UltraPixelLRPass, model=model, positive=pos, negative=neg, width=size * PX, height=size * PX, seed=group[0],
                 steps=STEPS, cfg=CFG, sampler_name=SAMPLER, scheduler=SCHEDULER, shift=SHIFT, cfg_rescale=RESCALE,
-                batch_size=len(group))
+                batch_size=len(group), denoise=DENOISE)
             lows.update({s: lr["samples"][i:i + 1] for i, s in enumerate(group)})
         out = comfy.sample.sample(sampler_model, noise(group, size), STEPS, CFG, SAMPLER, SCHEDULER, pos, neg,
-                                  torch.zeros(len(group), 4, size, size), seed=group[0], disable_pbar=True)
+                                  torch.zeros(len(group), 4, size, size), seed=group[0], denoise=DENOISE, disable_pbar=True)
         seconds += time.perf_counter() - start
         latents.update({s: out[i:i + 1] for i, s in enumerate(group)})
     ordered = torch.cat([latents[s] for s in seeds])
@@ -98,7 +98,7 @@ def main(argv=None):
     direct, guided = results[f"direct@{args.scale}x"], results[f"ultrapixel@{args.scale}x"]
     results["ratios"] = {"repetition": guided["repetition_rate"] / max(direct["repetition_rate"], 1e-9),
                          "seconds": guided["sec_per_image"] / direct["sec_per_image"]}
-    print(f"\ntoy StageC, {len(seeds)} seeds, {SAMPLER}/{SCHEDULER}, {STEPS} steps, CFG {CFG:g}, shift {SHIFT:g}, rescale {RESCALE}\n\n"
+    print(f"\ntoy StageC, {len(seeds)} seeds, {SAMPLER}/{SCHEDULER}, {STEPS} steps, denoise {DENOISE}, CFG {CFG:g}, shift {SHIFT:g}, rescale {RESCALE}\n\n"
           f"{table({k: v for k, v in results.items() if k != 'ratios'})}\n\nratios (UltraPixel / direct): {results['ratios']}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

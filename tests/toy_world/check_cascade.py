@@ -4,7 +4,7 @@ UltraPixel modules are trained (tests/toy_world/train_cascade.py).
     .venv/bin/python tests/toy_world/check_cascade.py nodes/toy_cascade.safetensors [--seeds 12] [--cfg 4]
 
 Seeds 0..n-1 (shape = seed mod 3), 32x32 latent px, the toy StageC's sampling (euler_ancestral, simple,
-20 steps, shift 1) with the reference's CFG rescale 0.7; prints measure.summary and each picture's
+20 steps, denoise 0.9, shift 1) with the reference's CFG rescale 0.7; prints measure.summary and each picture's
 (objects, residual_rms). A picture is clean when measure.py reads it as gradient + flat objects.
 """
 
@@ -30,6 +30,7 @@ def main():
     p.add_argument("weights", type=pathlib.Path)
     p.add_argument("--seeds", type=int, default=12)
     p.add_argument("--cfg", type=float, default=toy_cascade.SAMPLING["cfg"])
+    p.add_argument("--denoise", type=float, default=toy_cascade.SAMPLING["denoise"])
     a = p.parse_args()
     torch.set_num_threads(1)
     comfy.utils.PROGRESS_BAR_ENABLED = False
@@ -46,7 +47,7 @@ def main():
         latent = torch.zeros(len(seeds), 4, toy_cascade.NATIVE, toy_cascade.NATIVE)
         with torch.inference_mode():
             outs.append(comfy.sample.sample(model, noise(seeds, toy_cascade.NATIVE), s["steps"], a.cfg, s["sampler_name"], s["scheduler"],
-                                            positive, negative, latent, seed=seeds[0], disable_pbar=True))
+                                            positive, negative, latent, seed=seeds[0], denoise=a.denoise, disable_pbar=True))
     readings = measure.read_latents(torch.cat(outs))
     print(measure.summary(readings))
     print([(r.objects, round(r.residual_rms, 3)) for r in readings])

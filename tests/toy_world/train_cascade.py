@@ -107,7 +107,9 @@ def identity_init(unet: torch.nn.Module, gen: torch.Generator) -> None:
 
 def init_modules(modules: torch.nn.Module, gen: torch.Generator) -> None:
     """Default init, the reference's random position embedding / weight tokens / base weights, and the
-    fusion's last layer at zero so training starts from the unguided StageC."""
+    scale-aware output x (2 + a) + b (ScaleNorm: Modulation plus x) at a = -2, b = 0, so training starts from the unguided StageC.
+    (Zeroing the fusion's last layer does not: the LayerNorm after it turns the timestep bias into a unit-size
+    guide; here the LayerNorm's input stays non-degenerate and every layer gets gradients through a.)"""
     torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
     with torch.no_grad():
         for m in modules.modules():
@@ -122,8 +124,10 @@ def init_modules(modules: torch.nn.Module, gen: torch.Generator) -> None:
             for name, p in inr.base_params.items():
                 torch.nn.init.kaiming_uniform_(p[:-1].T, a=math.sqrt(5))  # (out, in) like a Linear weight
                 p[-1].uniform_(-1 / math.sqrt(p.shape[0] - 1), 1 / math.sqrt(p.shape[0] - 1))
-            inr.toout[2].weight.zero_()
-            inr.toout[2].bias.zero_()
+            out = inr.hr_norm.mapping.mapper
+            out.weight.zero_()
+            out.bias.zero_()
+            out.bias[:inr.shape.ind] = -2.0
 
 
 def noised(x0, t, sampling, gen):

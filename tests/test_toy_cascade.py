@@ -1,0 +1,68 @@
+"""The toy StageC and its UltraPixel modules (tests/toy_world/train_cascade.py): the training commands run
+and save what the UltraPixel Loader reads, the guidance starts as the unguided StageC, and the benchmark
+runs on the shipped toy."""
+
+import math
+import pathlib
+import sys
+
+import pytest
+import torch
+
+import host
+from toy_world import train_cascade
+from ultrares.nodes import toy_cascade, toy_world
+from ultrares.nodes import ultrapixel as node
+from ultrares.patches import ultrapixel as up
+
+import folder_paths
+
+
+def test_guidance_modules_start_as_the_unguided_stage_c():
+    std = (toy_cascade.NATIVE // toy_cascade.PATCH) ** 2
+    modules = up.UltraPixelModules(train_cascade.module_shapes(toy_cascade.STAGE_C["c_hidden"][0]), std_tokens=std)
+    train_cascade.init_modules(modules, torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(1)
+    for key in up.HOOKS:
+        width = modules.at(*key).shape.ind
+        guide = modules.at(*key)(torch.randn(2, width, 32, 32, generator=gen), torch.randn(2, width, 16, 16, generator=gen),
+                                 up.sinusoid(torch.tensor([0.3, 0.8]), modules.at(*key).shape.time_dim))
+        assert torch.equal(guide, torch.zeros_like(guide)), key
+    # and it learns: the gradient reaches the scale-aware output (the only zeroed layer)
+    m = modules.at("up_blocks", 0)
+    guide = m(torch.randn(1, m.shape.ind, 8, 8, generator=gen), torch.randn(1, m.shape.ind, 4, 4, generator=gen),
+              up.sinusoid(torch.tensor([0.5]), m.shape.time_dim))
+    guide.square().add(guide).sum().backward()
+    assert m.hr_norm.mapping.mapper.bias.grad.abs().sum() > 0
+
+
+def test_training_commands_save_weights_that_the_loaders_read(tmp_path):
+    base = tmp_path / "base.safetensors"
+    summary = train_cascade.train_base(steps=2, batch=2, lr=1e-3, seed=0, out=base)
+    assert summary["steps"] == 2 and base.with_suffix(".log.json").is_file()
+    patcher, embeddings = toy_cascade.load(base)
+    assert embeddings.shape[0] == len(toy_world.SHAPES) + 1
+    modules_file = tmp_path / "modules.safetensors"
+    train_cascade.train_guidance(steps=1, batch=1, lr=1e-3, seed=0, out=modules_file, base=base)
+    folder = pathlib.Path(folder_paths.get_folder_paths(node.FOLDER)[0])
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "smoke_toy_modules.safetensors").write_bytes(modules_file.read_bytes())
+    loaded = host.run_node(node.UltraPixelLoader, model=patcher, ultrapixel_name="smoke_toy_modules.safetensors")[0]
+    assert loaded.get_attachment(node.KEY).max_tokens == (toy_cascade.NATIVE // toy_cascade.PATCH) ** 2
+
+
+@pytest.mark.skipif(not toy_cascade.ULTRAPIXEL_WEIGHTS.is_file(), reason="toy UltraPixel modules not shipped")
+def test_ultrapixel_bench_runs_on_the_shipped_toy():
+    sys.path.insert(0, str(pathlib.Path(__file__).parent / "bench"))
+    import ultrapixel_toy
+
+    results = ultrapixel_toy.main(["--seeds", "1", "--scale", "2"])
+    assert {"direct@1x", "direct@2x", "ultrapixel@2x", "ratios"} <= set(results)
+    guided = results["ultrapixel@2x"]
+    assert 0 <= guided["clean_rate"] <= 1 and math.isfinite(guided["lr_mse"]) and guided["sec_per_image"] > 0
+
+
+def test_token_count_is_per_stage_c_patch():
+    toy = node.Profile(*toy_cascade.ToyCascadeConfig.ultrapixel_profile)
+    assert toy.lr_latent(256, 256) == (32, 32) and toy.tokens((32, 32)) == toy.std_tokens == 256
+    assert node.Profile(up.COMPRESSION, None, 1).tokens(up.lr_latent_size(4096, 4096)) == 576
