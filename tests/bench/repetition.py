@@ -48,10 +48,10 @@ def node(node_id, **inputs):
     return host.run_node(host.load_nodes()[node_id], **inputs)
 
 
-def redilate(model, schedule="reference", end_percent=0.7, dispersion_end_percent=0.0, decay="reference"):
+def redilate(model, schedule="reference", end_percent=0.7, dispersion_end_percent=0.0, decay="reference", dilation=0.0):
     return node("UltraResRedilateModel", model=model, preset="auto (from latent size)", sdxl_layers="intended",
                 schedule=schedule, start_percent=0.0, end_percent=end_percent, progressive=True, native_latent_size=0,
-                dilation=0.0, dispersion_start_percent=0.0, dispersion_end_percent=dispersion_end_percent, decay=decay)[0]
+                dilation=dilation, dispersion_start_percent=0.0, dispersion_end_percent=dispersion_end_percent, decay=decay)[0]
 
 
 def ndcfg(model, **redilation):
@@ -87,8 +87,11 @@ METHODS = {
     "redilate-all-steps": (lambda m, lr, s: redilate(m, "custom", 1.0), 1.0, False),
     # ... with the factors easing as a fractional cosine, to 2 or to undilated by the last step (Re-dilate's decay)
     "redilate-all-steps-cosine2": (lambda m, lr, s: redilate(m, "custom", 1.0, decay="cosine to 2"), 1.0, False),
+    "redilate-all-steps-cosine2-d3": (lambda m, lr, s: redilate(m, "custom", 1.0, decay="cosine to 2", dilation=3.0), 1.0, False),
+    "redilate-all-steps-cosine2-d3.5": (lambda m, lr, s: redilate(m, "custom", 1.0, decay="cosine to 2", dilation=3.5), 1.0, False),
     "redilate-all-steps-cosine1": (lambda m, lr, s: redilate(m, "custom", 1.0, decay="cosine to 1"), 1.0, False),
     "redilate-all-steps+dispersion": (lambda m, lr, s: redilate(m, "custom", 1.0, 0.3), 1.0, False),
+    "redilate-all-steps-cosine2+dispersion": (lambda m, lr, s: redilate(m, "custom", 1.0, 0.3, decay="cosine to 2"), 1.0, False),
     "redilate-all-steps+ndcfg": (lambda m, lr, s: ndcfg(m, schedule="custom", end_percent=1.0), 1.0, False),
     "multidiffusion": (lambda m, lr, s: patch_split(m, 0.0), 1.0, False),
     "multidiffusion-zeropad": (lambda m, lr, s: patch_split(m, 0.0, "zeros (reference)"), 1.0, False),
@@ -101,6 +104,10 @@ METHODS = {
     "lr_inject+global-hold": (lambda m, lr, s: lr_inject(m, lr, s, 1.0, **HOLD), 1.0, False),
     # the same slow decays on the share of steps done instead of the timestep (the injector's fade)
     "lr_inject+global-hold-stepcos": (lambda m, lr, s: lr_inject(m, lr, s, 1.0, **HOLD, fade="step cosine"), 1.0, False),
+    # ... with the global path's decay slower still
+    "lr_inject+global-hold-a2-0.1": (lambda m, lr, s: lr_inject(m, lr, s, 1.0, alpha1=0.25, alpha2=0.1), 1.0, False),
+    # LR guidance on the re-dilated model (the chosen cosine-to-2 re-dilation underneath)
+    "lr_inject+global-hold+redilate": (lambda m, lr, s: lr_inject(redilate(m, "custom", 1.0, decay="cosine to 2"), lr, s, 1.0, **HOLD), 1.0, False),
     # LR-guided CutDiffusion: the injector on top of Patch Split + Pixel Interaction
     "lr_inject+global-hold+cutdiffusion": (lambda m, lr, s: lr_inject(cutdiffusion(m), lr, s, 1.0, **HOLD), 1.0, False),
     "img2img@1.0": (lambda m, lr, s: m, 1.0, True),
@@ -108,7 +115,7 @@ METHODS = {
 }
 # sampled through the LR-Guided Sampler
 LR_GUIDED = {"lr_inject", "lr_inject+global", "lr_inject+global-hold", "lr_inject+global-hold-stepcos",
-             "lr_inject+global-hold+cutdiffusion"}
+             "lr_inject+global-hold-a2-0.1", "lr_inject+global-hold+redilate", "lr_inject+global-hold+cutdiffusion"}
 GUIDED = LR_GUIDED | {"img2img@1.0", "img2img@0.6"}  # start from or follow the native picture: lr_mse
 
 
