@@ -263,15 +263,15 @@ def recording_model(model, features: up.LRFeatures, record_sigma: float):
     return m
 
 
-def pass_sigmas(model, scheduler, steps, denoise):
-    """The sigmas KSampler runs for (steps, denoise): the tail of a longer schedule below 1 (KSampler.set_steps)."""
-    total = steps if denoise > 0.9999 else int(steps / denoise)
-    return comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, total)[-(steps + 1):]
+def pass_sigmas(model, sampler_name, scheduler, steps, denoise):
+    """The sigmas comfy.sample.sample runs: its own KSampler's (a denoise below 1 takes the tail of a longer
+    schedule; some samplers drop the penultimate sigma)."""
+    return comfy.samplers.KSampler(model, steps, model.load_device, sampler_name, scheduler, denoise).sigmas
 
 
 def sample_lr(model, positive, negative, latent, seed, steps, cfg, sampler_name, scheduler, denoise=1.0):
     """The LR pass with the reference's recipe; returns (LR latent, the four features at the last step)."""
-    sigmas = pass_sigmas(model, scheduler, steps, denoise)
+    sigmas = pass_sigmas(model, sampler_name, scheduler, steps, denoise)
     features = up.LRFeatures()
     recorder = recording_model(model, features, float(sigmas[-2]))  # the last step's input: t ~ 0.05 at 20 steps
     noise = comfy.sample.prepare_noise(latent, seed)

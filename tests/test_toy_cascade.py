@@ -19,7 +19,7 @@ import folder_paths
 
 
 def test_guidance_modules_start_as_the_unguided_stage_c():
-    std = (toy_cascade.NATIVE // toy_cascade.PATCH) ** 2
+    std = node.Profile(*toy_cascade.ToyCascadeConfig.ultrapixel_profile).std_tokens
     modules = up.UltraPixelModules(train_cascade.module_shapes(toy_cascade.STAGE_C["c_hidden"][0]), std_tokens=std)
     train_cascade.init_modules(modules, torch.Generator().manual_seed(0))
     gen = torch.Generator().manual_seed(1)

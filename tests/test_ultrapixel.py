@@ -277,10 +277,14 @@ def test_lr_pass_below_denoise_1_runs_ksamplers_truncated_schedule(loaded):
     model, _, lr = lr_pass(loaded, denoise=0.6)
     features = next(iter(model.object_patches[node.hook_target(key)] for key in up.HOOKS)).features
     assert features.complete  # recorded at a sigma the sampler evaluated: the truncated schedule's last step
-    ksampler = comfy.samplers.KSampler(model, STEPS, "cpu", "euler_ancestral", "simple", denoise=0.6)
-    torch.testing.assert_close(node.pass_sigmas(model, "simple", STEPS, 0.6), ksampler.sigmas)
-    torch.testing.assert_close(node.pass_sigmas(model, "simple", STEPS, 1.0), comfy.samplers.KSampler(model, STEPS, "cpu", "euler_ancestral", "simple").sigmas)
-    assert float(ksampler.sigmas[0]) < 99  # starts below StageC's sigma_max (100)
+    sampling = model.get_model_object("model_sampling")
+    truncated = node.pass_sigmas(model, "euler_ancestral", "simple", STEPS, 0.6)
+    torch.testing.assert_close(truncated, comfy.samplers.calculate_sigmas(sampling, "simple", int(STEPS / 0.6))[-(STEPS + 1):])
+    torch.testing.assert_close(node.pass_sigmas(model, "euler_ancestral", "simple", STEPS, 1.0), comfy.samplers.calculate_sigmas(sampling, "simple", STEPS))
+    assert float(truncated[0]) < 99  # starts below StageC's sigma_max (100)
+    # the samplers that drop the penultimate sigma record at the last sigma they really evaluate
+    full = comfy.samplers.calculate_sigmas(sampling, "simple", STEPS + 1)
+    torch.testing.assert_close(node.pass_sigmas(model, "uni_pc", "simple", STEPS, 1.0), torch.cat([full[:-2], full[-1:]]))
     assert not torch.equal(lr["samples"], lr_pass(loaded)[2]["samples"])
 
 

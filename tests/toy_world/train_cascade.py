@@ -34,7 +34,7 @@ import host  # noqa: E402,F401  (the real ComfyUI host on CPU, with the pack imp
 from toy_world import scenes  # noqa: E402
 
 import safetensors.torch  # noqa: E402
-from ultrares.nodes import toy_cascade, toy_world  # noqa: E402
+from ultrares.nodes import toy_cascade, toy_world, ultrapixel  # noqa: E402
 from ultrares.patches import ultrapixel as up  # noqa: E402
 
 LR_T = 0.05  # the reference's fixed LR noise level
@@ -214,7 +214,7 @@ def train_guidance(steps: int, batch: int, lr: float, seed: int, out: pathlib.Pa
     patcher, embeddings = toy_cascade.load(base)
     unet, sampling = patcher.model.diffusion_model, patcher.model.model_sampling
     unet.requires_grad_(False)
-    std = (toy_cascade.NATIVE // toy_cascade.PATCH) ** 2
+    std = ultrapixel.native_profile(patcher).std_tokens  # the scale embedding's reference, as the UltraPixel Loader builds it
     modules = up.UltraPixelModules(module_shapes(toy_cascade.STAGE_C["c_hidden"][0]), std_tokens=std)
     init_modules(modules, gen)
     features = up.LRFeatures()
