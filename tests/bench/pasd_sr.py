@@ -93,6 +93,9 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1, help="torch threads (one is fastest on a shared 2-core machine)")
     p.add_argument("--methods", default="", help="comma-separated subset of the methods (default: all)")
     p.add_argument("--weights-dir", type=pathlib.Path, default=train_pasd.OUT_DIR, help="where the toy PASD files are (default: the shipped ones)")
+    p.add_argument("--tile", type=int, default=0, help="run both ControlNet methods through PASD Tiled Sampling at this tile side "
+                                                       "(latent px; 0: untiled, the reference's path below 320)")
+    p.add_argument("--tile-overlap", type=int, default=pasd.TILE_OVERLAP)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     comfy.utils.PROGRESS_BAR_ENABLED = False
@@ -106,6 +109,10 @@ def main(argv=None):
     _, embeddings = toy_world.load_weights(toy_world.WEIGHTS)
     controlnet = node("UltraResPASDControlNetLoader", model=model, control_net_name=install("controlnet", train_pasd.CONTROLNET_FILE, args.weights_dir))[0]
     pasd_model = node("UltraResPASDUNetLoader", model=model, unet_name=install("diffusion_models", train_pasd.UNET_FILE, args.weights_dir))[0]
+    control_model = model
+    if args.tile:  # per-step tiles near the size PACA and the ControlNet were trained on
+        control_model, pasd_model = (node("UltraResPASDTiledSampling", model=m, tile_size=args.tile, tile_overlap=args.tile_overlap)[0]
+                                     for m in (model, pasd_model))
     sampling = model.get_model_object("model_sampling")
     init_scale = pasd.init_latent_scale(sampling.sigmas)  # the reference's double noising
     encoded = vae.encode(images)
@@ -122,7 +129,7 @@ def main(argv=None):
         "bicubic": None,
         "img2img@0.3": (model, 1.0, 0.3, False),
         "img2img@0.6": (model, 1.0, 0.6, False),
-        "controlnet-only": (model, init_scale, 1.0, True),
+        "controlnet-only": (control_model, init_scale, 1.0, True),
         "pasd": (pasd_model, init_scale, 1.0, True),
     }
     if args.methods:
@@ -162,7 +169,8 @@ def main(argv=None):
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps({"settings": {"scenes": args.scenes, "steps": args.steps, "sampler": SAMPLER,
-                                                          "scheduler": SCHEDULER, "cfg": CFG, "seed": args.seed}, "results": results}, indent=1) + "\n")
+                                                          "scheduler": SCHEDULER, "cfg": CFG, "seed": args.seed,
+                                                          "tile": args.tile, "tile_overlap": args.tile_overlap, "weights_dir": str(args.weights_dir)}, "results": results}, indent=1) + "\n")
     cols = ("psnr", "edge_error", "clean_rate", "repetition", "sec_per_image")
     print("\n| method | " + " | ".join(cols) + " |\n" + "|---" * (len(cols) + 1) + "|")
     for name, f in results.items():

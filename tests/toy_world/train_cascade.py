@@ -44,7 +44,7 @@ EMBED_BIAS = 20.0  # the constant direction's size in the embedding (values per 
 GELU_OFFSET = 4.0  # keeps the skip path in GELU's linear regime
 
 
-def init_stage_c(unet: torch.nn.Module, gen: torch.Generator) -> None:
+def init_stage_c(unet: torch.nn.Module, gen: torch.Generator, embed_bias: float = EMBED_BIAS) -> None:
     """PyTorch's default init (ComfyUI's ops skip it) from a seeded generator; GRN and the output conv start at zero."""
     torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
     done = set()
@@ -59,10 +59,10 @@ def init_stage_c(unet: torch.nn.Module, gen: torch.Generator) -> None:
                 p.zero_()
         unet.clf[1].weight.zero_()
         unet.clf[1].bias.zero_()
-        identity_init(unet, gen)
+        identity_init(unet, gen, embed_bias)
 
 
-def identity_init(unet: torch.nn.Module, gen: torch.Generator) -> None:
+def identity_init(unet: torch.nn.Module, gen: torch.Generator, embed_bias: float = EMBED_BIAS) -> None:
     """Start the StageC at eps_pred = its input, the exact answer at high noise (x / sqrt(sigma^2 + 1) -> eps).
 
     StageC has no input-to-output skip and its embedding ends in a LayerNorm without affine; eps prediction at
@@ -78,7 +78,7 @@ def identity_init(unet: torch.nn.Module, gen: torch.Generator) -> None:
     q, u = basis[:, :p], basis[:, p]
     with torch.no_grad():
         unet.embedding[1].weight.copy_(q[:, :, None, None])
-        unet.embedding[1].bias.copy_(EMBED_BIAS * u)
+        unet.embedding[1].bias.copy_(embed_bias * u)
         for level in (unet.down_blocks[0], unet.up_blocks[-1]):
             for block in level:
                 if hasattr(block, "channelwise"):
@@ -101,7 +101,7 @@ def identity_init(unet: torch.nn.Module, gen: torch.Generator) -> None:
         first[0].bias[:c].fill_(GELU_OFFSET)
         first[-1].weight[:, :c].copy_(torch.eye(c))
         first[-1].bias.fill_(-GELU_OFFSET)
-        unet.clf[1].weight.copy_((EMBED_BIAS / math.sqrt(c)) * q.T[:, :, None, None])
+        unet.clf[1].weight.copy_((embed_bias / math.sqrt(c)) * q.T[:, :, None, None])
         unet.clf[1].bias.zero_()
 
 
@@ -170,11 +170,12 @@ def write(tensors: dict, out: pathlib.Path, summary: dict, log: list) -> None:
     print(json.dumps(summary), flush=True)
 
 
-def train_base(steps: int, batch: int, lr: float, seed: int, out: pathlib.Path) -> dict:
+def train_base(steps: int, batch: int, lr: float, seed: int, out: pathlib.Path, embed_bias: float = EMBED_BIAS,
+               t_max: float = 1.0) -> dict:
     gen = torch.Generator().manual_seed(seed)
     patcher = toy_cascade.build_model()
     unet, sampling = patcher.model.diffusion_model, patcher.model.model_sampling
-    init_stage_c(unet, gen)
+    init_stage_c(unet, gen, embed_bias)
     n_classes = len(toy_world.SHAPES)
     embeddings = torch.nn.Parameter(torch.randn(n_classes + 1, toy_world.CONTEXT_TOKENS, toy_world.CONTEXT_DIM, generator=gen))
     params = list(unet.parameters()) + [embeddings]
@@ -186,7 +187,7 @@ def train_base(steps: int, batch: int, lr: float, seed: int, out: pathlib.Path) 
     for step in range(1, steps + 1):
         rgb, kinds = scenes.sample(batch, gen)
         labels = torch.where(torch.rand(batch, generator=gen) < 0.1, n_classes, kinds)
-        t = torch.rand(batch, generator=gen)
+        t = t_max * torch.rand(batch, generator=gen)
         x_t, eps = noised(toy_world.to_latent(rgb), t, sampling, gen)
         loss = torch.nn.functional.mse_loss(stage_c_call(unet, x_t, t, embeddings[labels]), eps)
         optimise(loss, params, opt, sched)
@@ -195,7 +196,8 @@ def train_base(steps: int, batch: int, lr: float, seed: int, out: pathlib.Path) 
         if step % 50 == 0 or step == steps:
             log.append({"step": step, "loss": round(running, 5), "seconds": round(time.monotonic() - started, 1)})
             print(f"step {step}/{steps} loss {running:.5f} {log[-1]['seconds']:.0f}s", flush=True)
-    summary = {"phase": "base", "steps": steps, "batch": batch, "lr": lr, "seed": seed, "final_loss": log[-1]["loss"],
+    summary = {"phase": "base", "steps": steps, "batch": batch, "lr": lr, "seed": seed, "embed_bias": embed_bias, "t_max": t_max,
+               "final_loss": log[-1]["loss"],
                "seconds": log[-1]["seconds"], "threads": torch.get_num_threads()}
     write(ema, out, summary, log)
     return summary
@@ -272,10 +274,12 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=pathlib.Path)
     p.add_argument("--base", type=pathlib.Path, default=toy_cascade.WEIGHTS, help="guidance: the trained toy StageC")
+    p.add_argument("--embed-bias", type=float, default=EMBED_BIAS, help="base: the identity init's constant direction")
+    p.add_argument("--t-max", type=float, default=1.0, help="base: train on t ~ U(0, t_max) (sampling at denoise 0.9 starts near t = 0.91)")
     a = p.parse_args()
     torch.set_num_threads(1)
     if a.phase == "base":
-        train_base(a.steps or 2000, a.batch or 32, a.lr, a.seed, a.out or toy_cascade.WEIGHTS)
+        train_base(a.steps or 2000, a.batch or 32, a.lr, a.seed, a.out or toy_cascade.WEIGHTS, a.embed_bias, a.t_max)
     else:
         train_guidance(a.steps or 400, a.batch or 8, a.lr, a.seed, a.out or toy_cascade.ULTRAPIXEL_WEIGHTS, a.base)
 
