@@ -51,6 +51,23 @@ def test_training_commands_save_weights_that_the_loaders_read(tmp_path):
     assert loaded.get_attachment(node.KEY).max_tokens == (toy_cascade.NATIVE // toy_cascade.PATCH) ** 2
 
 
+def test_attention_probe_reads_the_share_on_the_clip_tokens(tmp_path, monkeypatch):
+    sys.path.insert(0, str(pathlib.Path(__file__).parent / "toy_world"))
+    import check_cascade
+
+    for self_attn in (True, False):
+        monkeypatch.setitem(toy_cascade.STAGE_C, "self_attn", self_attn)
+        base = tmp_path / f"base_{self_attn}.safetensors"
+        train_cascade.train_base(steps=2, batch=2, lr=1e-3, seed=0, out=base)
+        rows = check_cascade.attention_mass(base, scenes_n=2)
+        assert len(rows) == len(check_cascade.X0_SIGMAS) * 4  # four AttnBlocks at each sigma
+        masses = torch.tensor([r[2:4] for r in rows])
+        if self_attn:  # the spatial keys take a share
+            assert (masses > 0).all() and (masses < 1).all()
+        else:  # cross-attention only: every query's mass is on the clip tokens
+            assert torch.allclose(masses, torch.ones_like(masses), atol=1e-5)
+
+
 @pytest.mark.skipif(not toy_cascade.ULTRAPIXEL_WEIGHTS.is_file(), reason="toy UltraPixel modules not shipped")
 def test_ultrapixel_bench_runs_on_the_shipped_toy():
     sys.path.insert(0, str(pathlib.Path(__file__).parent / "bench"))

@@ -12,6 +12,12 @@ Seeds 0..n-1 (shape = seed mod 3), 32x32 latent px, the toy StageC's sampling (e
 instead compares one-step denoising with the toy SD UNet's (the shipped toy world) on the same 24 scenes and
 noise: per sigma, the rms x0 error with the right class and with the unconditional tokens, and how much the
 class moves the prediction (rms of x0(class) - x0(uncond)), each through the model's own apply_model.
+
+    .venv/bin/python tests/toy_world/check_cascade.py nodes/toy_cascade.safetensors --attention
+
+instead prints, per AttnBlock of the StageC and per sigma, the share of softmax mass its queries put on the clip
+tokens (class, pooled and image tokens; the rest goes to the spatial tokens of its self-attention) and how much
+the class moves that block's attention output (rms of out(class) - out(uncond)).
 """
 
 import argparse
@@ -62,6 +68,50 @@ def x0_errors(weights: pathlib.Path, scenes_n: int = 24) -> None:
                 print(f"| {value} | {name} | {rms(right - x0):.3f} | {rms(free - x0):.3f} | {rms(right - free):.4f} |")
 
 
+def attention_mass(weights: pathlib.Path, scenes_n: int = 24) -> list:
+    """Rows (sigma, block, clip mass with the class, with the uncond tokens, class effect on the block's output)."""
+    from comfy.ldm.cascade.common import AttnBlock
+    stage_c, embeddings = toy_cascade.load(weights)
+    gen = torch.Generator().manual_seed(123)
+    rgb, kinds = scenes.sample(scenes_n, gen)
+    x0 = toy_world.to_latent(rgb)
+    uncond = torch.full_like(kinds, len(embeddings) - 1)
+    # blocks in module order: down level 0, down level 1, up level 1, up level 0
+    attentions = [m.attention.attn for m in stage_c.model.diffusion_model.modules() if isinstance(m, AttnBlock)]
+    seen = []
+
+    def record(attn, args):  # OptimizedAttention(q, k, v): k and v are [spatial tokens (self-attention only); clip tokens]
+        q, k, v = attn.to_q(args[0]), attn.to_k(args[1]), attn.to_v(args[2])
+        heads = lambda t: t.unflatten(-1, (attn.heads, -1)).transpose(1, 2)
+        q, k, v = heads(q), heads(k), heads(v)
+        weights = (q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5).softmax(-1)
+        clip = slice(k.shape[2] - len(embeddings[0]) - 2 * toy_cascade.STAGE_C["c_clip_seq"], None)
+        seen.append((float(weights[..., clip].sum(-1).mean()), weights @ v))
+
+    hooks = [a.register_forward_pre_hook(record) for a in attentions]
+    print("| sigma | block | clip mass (class) | clip mass (uncond) | class effect on the output |\n|---|---|---|---|---|")
+    rows = []
+    try:
+        with torch.inference_mode():
+            for value in X0_SIGMAS:
+                sigma = torch.full((scenes_n,), value)
+                x = x0 + value * torch.randn(x0.shape, generator=gen)
+                runs = []
+                for labels in (kinds, uncond):
+                    seen.clear()
+                    tokens = embeddings[labels]
+                    stage_c.model.apply_model(x, sigma, clip_text=tokens, clip_text_pooled=tokens.mean(1, keepdim=True),
+                                              clip_img=torch.zeros(len(x), 1, 768))
+                    runs.append(list(seen))
+                for i, ((mass, out), (free_mass, free_out)) in enumerate(zip(*runs)):
+                    rows.append((value, i, mass, free_mass, float((out - free_out).pow(2).mean().sqrt())))
+                    print("| {} | {} | {:.4f} | {:.4f} | {:.4f} |".format(*rows[-1]))
+    finally:
+        for h in hooks:
+            h.remove()
+    return rows
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("weights", type=pathlib.Path)
@@ -69,10 +119,13 @@ def main():
     p.add_argument("--cfg", type=float, default=toy_cascade.SAMPLING["cfg"])
     p.add_argument("--denoise", type=float, default=toy_cascade.SAMPLING["denoise"])
     p.add_argument("--x0-error", action="store_true", help="compare one-step x0 errors with the toy SD UNet's instead of sampling")
+    p.add_argument("--attention", action="store_true", help="measure the attention mass on the clip tokens instead of sampling")
     a = p.parse_args()
     torch.set_num_threads(1)
     if a.x0_error:
         return x0_errors(a.weights)
+    if a.attention:
+        return attention_mass(a.weights)
     comfy.utils.PROGRESS_BAR_ENABLED = False
     model, embeddings = toy_cascade.load(a.weights)
     model = ultrapixel.reference_sampling(model, 1.0, 0.7)

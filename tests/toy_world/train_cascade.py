@@ -42,9 +42,10 @@ HR_SCALES = (2, 4)  # HR scenes per step, alternating (the benchmark samples 4x)
 EMA_DECAY = 0.995  # short CPU runs: 0.999 would still average in the first few hundred steps
 EMBED_BIAS = 20.0  # the constant direction's size in the embedding (values per patch: 16)
 GELU_OFFSET = 4.0  # keeps the skip path in GELU's linear regime
+DEEP_SCALE = 0.01  # the deep path's upscaler starts this small (near-identity at init)
 
 
-def init_stage_c(unet: torch.nn.Module, gen: torch.Generator, embed_bias: float = EMBED_BIAS) -> None:
+def init_stage_c(unet: torch.nn.Module, gen: torch.Generator, embed_bias: float = EMBED_BIAS, deep_scale: float = DEEP_SCALE) -> None:
     """PyTorch's default init (ComfyUI's ops skip it) from a seeded generator; GRN and the output conv start at zero."""
     torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
     done = set()
@@ -59,10 +60,10 @@ def init_stage_c(unet: torch.nn.Module, gen: torch.Generator, embed_bias: float 
                 p.zero_()
         unet.clf[1].weight.zero_()
         unet.clf[1].bias.zero_()
-        identity_init(unet, gen, embed_bias)
+        identity_init(unet, gen, embed_bias, deep_scale)
 
 
-def identity_init(unet: torch.nn.Module, gen: torch.Generator, embed_bias: float = EMBED_BIAS) -> None:
+def identity_init(unet: torch.nn.Module, gen: torch.Generator, embed_bias: float = EMBED_BIAS, deep_scale: float = DEEP_SCALE) -> None:
     """Start the StageC at eps_pred = its input, the exact answer at high noise (x / sqrt(sigma^2 + 1) -> eps).
 
     StageC has no input-to-output skip and its embedding ends in a LayerNorm without affine; eps prediction at
@@ -93,7 +94,7 @@ def identity_init(unet: torch.nn.Module, gen: torch.Generator, embed_bias: float
                             m.weight.zero_()
                             m.bias.zero_()
         up_conv = unet.up_upscalers[0][1].blocks[1]
-        up_conv.weight.mul_(0.01)
+        up_conv.weight.mul_(deep_scale)
         up_conv.bias.zero_()
         first = unet.up_blocks[-1][0].channelwise
         first[0].weight[:c].zero_()
@@ -171,11 +172,11 @@ def write(tensors: dict, out: pathlib.Path, summary: dict, log: list) -> None:
 
 
 def train_base(steps: int, batch: int, lr: float, seed: int, out: pathlib.Path, embed_bias: float = EMBED_BIAS,
-               t_max: float = 1.0) -> dict:
+               t_max: float = 1.0, deep_scale: float = DEEP_SCALE) -> dict:
     gen = torch.Generator().manual_seed(seed)
     patcher = toy_cascade.build_model()
     unet, sampling = patcher.model.diffusion_model, patcher.model.model_sampling
-    init_stage_c(unet, gen, embed_bias)
+    init_stage_c(unet, gen, embed_bias, deep_scale)
     n_classes = len(toy_world.SHAPES)
     embeddings = torch.nn.Parameter(torch.randn(n_classes + 1, toy_world.CONTEXT_TOKENS, toy_world.CONTEXT_DIM, generator=gen))
     params = list(unet.parameters()) + [embeddings]
@@ -197,6 +198,7 @@ def train_base(steps: int, batch: int, lr: float, seed: int, out: pathlib.Path, 
             log.append({"step": step, "loss": round(running, 5), "seconds": round(time.monotonic() - started, 1)})
             print(f"step {step}/{steps} loss {running:.5f} {log[-1]['seconds']:.0f}s", flush=True)
     summary = {"phase": "base", "steps": steps, "batch": batch, "lr": lr, "seed": seed, "embed_bias": embed_bias, "t_max": t_max,
+               "deep_scale": deep_scale,
                "final_loss": log[-1]["loss"],
                "seconds": log[-1]["seconds"], "threads": torch.get_num_threads()}
     write(ema, out, summary, log)
@@ -276,10 +278,11 @@ def main():
     p.add_argument("--base", type=pathlib.Path, default=toy_cascade.WEIGHTS, help="guidance: the trained toy StageC")
     p.add_argument("--embed-bias", type=float, default=EMBED_BIAS, help="base: the identity init's constant direction")
     p.add_argument("--t-max", type=float, default=1.0, help="base: train on t ~ U(0, t_max) (sampling at denoise 0.9 starts near t = 0.91)")
+    p.add_argument("--deep-scale", type=float, default=DEEP_SCALE, help="base: the deep path's upscaler's initial scale")
     a = p.parse_args()
     torch.set_num_threads(1)
     if a.phase == "base":
-        train_base(a.steps or 2000, a.batch or 32, a.lr, a.seed, a.out or toy_cascade.WEIGHTS, a.embed_bias, a.t_max)
+        train_base(a.steps or 2000, a.batch or 32, a.lr, a.seed, a.out or toy_cascade.WEIGHTS, a.embed_bias, a.t_max, a.deep_scale)
     else:
         train_guidance(a.steps or 400, a.batch or 8, a.lr, a.seed, a.out or toy_cascade.ULTRAPIXEL_WEIGHTS, a.base)
 
