@@ -17,7 +17,9 @@ class moves the prediction (rms of x0(class) - x0(uncond)), each through the mod
 
 instead prints, per AttnBlock of the StageC and per sigma, the share of softmax mass its queries put on the clip
 tokens (class, pooled and image tokens; the rest goes to the spatial tokens of its self-attention) and how much
-the class moves that block's attention output (rms of out(class) - out(uncond)).
+the class moves that block's attention output (rms of out(class) - out(uncond)); then, per sigma, how large
+the deep level's contribution to the shallow up path is beside the shallow skip it is added to (rms of each,
+less its per-picture mean) and how much the class moves it.
 """
 
 import argparse
@@ -89,6 +91,11 @@ def attention_mass(weights: pathlib.Path, scenes_n: int = 24) -> list:
         seen.append((float(weights[..., clip].sum(-1).mean()), weights @ v))
 
     hooks = [a.register_forward_pre_hook(record) for a in attentions]
+    unet, paths = stage_c.model.diffusion_model, {}
+    hooks += [unet.up_upscalers[0].register_forward_hook(lambda m, a, out: paths.__setitem__("deep", out)),
+              unet.down_blocks[0][-1].register_forward_hook(lambda m, a, out: paths.__setitem__("skip", out))]
+    centred_rms = lambda t: float((t - t.mean((2, 3), keepdim=True)).pow(2).mean().sqrt())
+    deep_rows = []
     print("| sigma | block | clip mass (class) | clip mass (uncond) | class effect on the output |\n|---|---|---|---|---|")
     rows = []
     try:
@@ -96,19 +103,25 @@ def attention_mass(weights: pathlib.Path, scenes_n: int = 24) -> list:
             for value in X0_SIGMAS:
                 sigma = torch.full((scenes_n,), value)
                 x = x0 + value * torch.randn(x0.shape, generator=gen)
-                runs = []
+                runs, deep = [], []
                 for labels in (kinds, uncond):
                     seen.clear()
                     tokens = embeddings[labels]
                     stage_c.model.apply_model(x, sigma, clip_text=tokens, clip_text_pooled=tokens.mean(1, keepdim=True),
                                               clip_img=torch.zeros(len(x), 1, 768))
                     runs.append(list(seen))
+                    deep.append(dict(paths))
+                deep_rows.append((value, centred_rms(deep[0]["deep"]), centred_rms(deep[0]["skip"]),
+                                  float((deep[0]["deep"] - deep[1]["deep"]).pow(2).mean().sqrt())))
                 for i, ((mass, out), (free_mass, free_out)) in enumerate(zip(*runs)):
                     rows.append((value, i, mass, free_mass, float((out - free_out).pow(2).mean().sqrt())))
                     print("| {} | {} | {:.4f} | {:.4f} | {:.4f} |".format(*rows[-1]))
     finally:
         for h in hooks:
             h.remove()
+    print("\n| sigma | deep path into the shallow up level (rms) | shallow skip (rms) | class effect on the deep path |\n|---|---|---|---|")
+    for row in deep_rows:
+        print("| {} | {:.4f} | {:.4f} | {:.4f} |".format(*row))
     return rows
 
 
