@@ -14,7 +14,8 @@ LR-Guided Sampler, the exact form, wrapping the same sampler). Per method and sc
   one_object_rate  share with exactly one
   mean_objects     mean object count
   size_ratio       mean sqrt(object area) / picture side (native pictures: ~0.45)
-  clean_rate       share that read as "gradient + flat objects" (tests/toy_world/measure.py; clean_ci: Wilson 95%)
+  clean_rate       share that read as "gradient + flat objects" (tests/toy_world/measure.py; clean_ci: Wilson 95%),
+                   the edge band scaled with the picture (edge_band px; --fixed-edge-band: 1 px, the older reader)
   contrast         mean over pictures of the RGB standard deviation (native pictures ~0.5; a washed-out,
                    greyed picture has little)
   sec_per_image    wall seconds of sampling per picture (--threads torch threads)
@@ -109,13 +110,15 @@ METHODS = {
     "lr_inject+global-hold+redilate": (lambda m, lr, s: lr_inject(redilate(m, "custom", 1.0, decay="cosine to 2"), lr, s, 1.0, **HOLD), 1.0, False),
     # LR-guided CutDiffusion: the injector on top of Patch Split + Pixel Interaction
     "lr_inject+global-hold+cutdiffusion": (lambda m, lr, s: lr_inject(cutdiffusion(m), lr, s, 1.0, **HOLD), 1.0, False),
+    # no sampling: the native picture upscaled, the reader's positive control (a 4x picture that is right by construction)
+    "bicubic": (None, 0.0, True),
     "img2img@1.0": (lambda m, lr, s: m, 1.0, True),
     "img2img@0.6": (lambda m, lr, s: m, 0.6, True),
 }
 # sampled through the LR-Guided Sampler
 LR_GUIDED = {"lr_inject", "lr_inject+global", "lr_inject+global-hold", "lr_inject+global-hold-stepcos",
              "lr_inject+global-hold-a2-0.1", "lr_inject+global-hold+redilate", "lr_inject+global-hold+cutdiffusion"}
-GUIDED = LR_GUIDED | {"img2img@1.0", "img2img@0.6"}  # start from or follow the native picture: lr_mse
+GUIDED = LR_GUIDED | {"img2img@1.0", "img2img@0.6", "bicubic"}  # start from or follow the native picture: lr_mse
 
 
 def noise(seeds, size):
@@ -133,21 +136,23 @@ def sample(model, positive, negative, seeds, size, latent=None, denoise=1.0, gui
     return comfy.sample.sample_custom(model, noise(seeds, size), cfg, sampler, sigmas, positive, negative, latent, seed=seeds[0])
 
 
-def run_method(name, scale, seeds, worlds, natives, cfg=CFG):
+def run_method(name, scale, seeds, worlds, natives, cfg=CFG, fixed_edge_band=False):
     patch, denoise, from_native = METHODS[name]
     size = NATIVE * scale
     latents, seconds = {}, 0.0
     for shape, (model, positive, negative) in worlds.items():
         group = [s for s in seeds if toy_world.SHAPES[s % 3] == shape]
         low = torch.cat([natives[s] for s in group]) if natives else None
-        patched = patch(model, low, group[0])
         start = time.perf_counter()
         init = comfy.utils.common_upscale(low, size, size, "bicubic", "disabled") if from_native else None
-        out = sample(patched, positive, negative, group, size, init, denoise, guided=name in LR_GUIDED, cfg=cfg)
+        out = init if patch is None else sample(patch(model, low, group[0]), positive, negative, group, size, init, denoise,
+                                                guided=name in LR_GUIDED, cfg=cfg)
         seconds += time.perf_counter() - start
         latents.update({s: out[i:i + 1] for i, s in enumerate(group)})
     ordered = torch.cat([latents[s] for s in seeds])
-    figures = measure.summary(measure.read_latents(ordered))
+    band = 1 if fixed_edge_band else scale  # the reader's edge band in latent px (measure.read's `scale`)
+    figures = measure.summary(measure.read_latents(ordered, band))
+    figures["edge_band"] = band
     figures["contrast"] = float(ordered[:, :3].flatten(1).std(1).mean())  # native pictures: ~0.5; washed out: low
     figures["sec_per_image"] = seconds / len(seeds)
     if name in GUIDED:
@@ -185,6 +190,8 @@ def main(argv=None):
     p.add_argument("--save-latents", type=pathlib.Path, help="also save every method's latents here (safetensors)")
     p.add_argument("--cfg", type=float, default=CFG, help=f"guidance scale of every entry (default: the toy world's {CFG:g})")
     p.add_argument("--resume", action="store_true", help="keep the entries --json already holds; measure only the rest")
+    p.add_argument("--fixed-edge-band", action="store_true",
+                   help="read every scale with the 1-px edge band of the reader before 2026-12-06 (reproduces older figures)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (1 on a busy shared machine: no oversubscription)")
     args = p.parse_args(argv)
     cfg = args.cfg
@@ -200,11 +207,11 @@ def main(argv=None):
     unknown = set(methods) - METHODS.keys()
     if unknown:
         p.error(f"unknown methods {sorted(unknown)}; choose from {', '.join(METHODS)}")
-    seed_set = {"seed_offset": args.seed_offset, "seeds": args.seeds}
+    seed_set = {"seed_offset": args.seed_offset, "seeds": args.seeds, "fixed_edge_band": args.fixed_edge_band}
     results, saved, other_seeds = {}, {}, {}  # other_seeds: entries of another seed set, kept in the file untouched
     if args.resume and args.json and args.json.is_file():
         for key, f in json.loads(args.json.read_text()).items():
-            same = f.get("seed_offset", 0) == args.seed_offset and f.get("seeds") == args.seeds
+            same = all(f.get(k, d) == seed_set[k] for k, d in (("seed_offset", 0), ("seeds", None), ("fixed_edge_band", True)))
             (results if same else other_seeds)[key] = f
 
     def record(key, figures, latents):
@@ -215,13 +222,13 @@ def main(argv=None):
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(other_seeds | results, indent=1) + "\n")
 
-    figures, native = run_method("direct", 1, seeds, worlds, None, cfg)
+    figures, native = run_method("direct", 1, seeds, worlds, None, cfg, args.fixed_edge_band)
     natives = {s: native[i:i + 1] for i, s in enumerate(seeds)}  # the guide of the LR-guided methods
     record(f"direct@1x{suffix}", figures, native)
     for scale in [int(s) for s in args.scales.split(",") if s]:
         for name in methods:
             if f"{name}@{scale}x{suffix}" not in results:
-                record(f"{name}@{scale}x{suffix}", *run_method(name, scale, seeds, worlds, natives, cfg))
+                record(f"{name}@{scale}x{suffix}", *run_method(name, scale, seeds, worlds, natives, cfg, args.fixed_edge_band))
     print(f"\ntoy world, seeds {seeds[0]}..{seeds[-1]}, {SAMPLER}/{SCHEDULER}, {STEPS} steps, CFG {cfg:g}\n\n{table(results)}")
     if args.save_latents:
         import safetensors.torch

@@ -69,7 +69,7 @@ def run(method, model, embeddings, seeds, size):
         seconds += time.perf_counter() - start
         latents.update({s: out[i:i + 1] for i, s in enumerate(group)})
     ordered = torch.cat([latents[s] for s in seeds])
-    figures = measure.summary(measure.read_latents(ordered))
+    figures = measure.summary(measure.read_latents(ordered, size // toy_cascade.NATIVE))  # edge band: the scale
     figures["contrast"] = float(ordered[:, :3].flatten(1).std(1).mean())
     figures["sec_per_image"] = seconds / len(seeds)
     if lows:
