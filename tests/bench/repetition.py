@@ -89,6 +89,8 @@ METHODS = {
     # ... with the factors easing as a fractional cosine, to 2 or to undilated by the last step (Re-dilate's decay)
     "redilate-all-steps-cosine2": (lambda m, lr, s: redilate(m, "custom", 1.0, decay="cosine to 2"), 1.0, False),
     "redilate-all-steps-cosine2-d3": (lambda m, lr, s: redilate(m, "custom", 1.0, decay="cosine to 2", dilation=3.0), 1.0, False),
+    # ... a deepest factor a half above the ratio (table 4.5 / 3.5 at 4x): chosen on the tuning seeds (docs/repetition.md)
+    "redilate-all-steps-cosine2-d4.5": (lambda m, lr, s: redilate(m, "custom", 1.0, decay="cosine to 2", dilation=4.5), 1.0, False),
     "redilate-all-steps-cosine1": (lambda m, lr, s: redilate(m, "custom", 1.0, decay="cosine to 1"), 1.0, False),
     "redilate-all-steps+dispersion": (lambda m, lr, s: redilate(m, "custom", 1.0, 0.3), 1.0, False),
     "redilate-all-steps-cosine2+dispersion": (lambda m, lr, s: redilate(m, "custom", 1.0, 0.3, decay="cosine to 2"), 1.0, False),
