@@ -416,6 +416,18 @@ def test_toy_training_smoke_saves_the_released_layouts_that_the_loaders_read(tmp
     trained = {k: v for k, v in cn_keys.items() if k.startswith("controlnet_down_blocks.0.")}
     assert torch.equal(cn.control_model.zero_convs[0][0].weight, trained["controlnet_down_blocks.0.weight"])
 
+    # --init-dir: a run goes on from these files, every saved tensor taken as it was (a fresh build differs)
+    gen = torch.Generator().manual_seed(1)
+    fresh, resumed = train_pasd.build(model, gen), train_pasd.build(model, gen, tmp_path)
+    config = resumed[3]
+    saved = pasd_nodes.controlnet_to_diffusers(config, resumed[0].state_dict())
+    assert all(torch.equal(saved[k], cn_keys[k]) for k in saved)
+    assert torch.equal(resumed[1][2].weight, cn_keys["controlnet_cond_embedding.to_rgbs.2.weight"])
+    layer = pasd_nodes.decoder_of(model)[0]
+    key = f"up_blocks.{layer.up_block}.pixel_attentions.{layer.layer}.transformer_blocks.0.attn2.to_k.weight"
+    assert torch.equal(resumed[2][layer.index].transformer.transformer_blocks[0].attn2.to_k.weight, unet[key])
+    assert not torch.equal(fresh[2][layer.index].transformer.transformer_blocks[0].attn2.to_k.weight, unet[key])
+
 
 def test_sr_bench_runs_on_the_shipped_toy_pasd():
     sys.path.insert(0, str(pathlib.Path(__file__).parent / "bench"))

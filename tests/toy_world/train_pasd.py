@@ -48,7 +48,9 @@ def zero(module: torch.nn.Module) -> None:
     torch.nn.init.zeros_(module.bias)
 
 
-def build(patcher, gen):
+def build(patcher, gen, init_dir: pathlib.Path | None = None):
+    """ControlNet, to_rgbs heads and PACA layers: fresh (ControlNet from the UNet's encoder, PACA at the identity),
+    or, with `init_dir`, an earlier run's saved files (to go on training them, e.g. on larger crops)."""
     config = dict(patcher.model.model_config.unet_config)
     config.pop("out_channels")
     net = comfy.cldm.cldm.ControlNet(**config, hint_channels=3)
@@ -66,6 +68,16 @@ def build(patcher, gen):
     paca = {l.index: pasd_nodes.PACALayer(l.index, l.channels, l.skip_channels) for l in layers}
     for m in paca.values():
         toy_train.init_weights(m, gen)  # zeroes proj_out: each PACA layer starts as the identity
+    if init_dir is not None:
+        cn = safetensors.torch.load_file(str(init_dir / CONTROLNET_FILE))
+        mapping = pasd_nodes.diffusers_controlnet_keys(config, cn)
+        net.load_state_dict({mapping[k]: v for k, v in cn.items() if not k.startswith(pasd_nodes.TRAINING_ONLY)}, strict=True)
+        to_rgbs.load_state_dict({k[len(pasd_nodes.TRAINING_ONLY):]: v for k, v in cn.items() if k.startswith(pasd_nodes.TRAINING_ONLY)},
+                                strict=True)
+        unet = safetensors.torch.load_file(str(init_dir / UNET_FILE))
+        for l in layers:
+            prefix = f"up_blocks.{l.up_block}.pixel_attentions.{l.layer}."
+            paca[l.index].transformer.load_state_dict({k[len(prefix):]: v for k, v in unet.items() if k.startswith(prefix)}, strict=True)
     return net, to_rgbs, paca, config
 
 
@@ -100,13 +112,14 @@ def save(net, to_rgbs, paca, config, patcher, out_dir: pathlib.Path, metadata: d
     safetensors.torch.save_file({k: v.contiguous() for k, v in unet.items()}, str(out_dir / UNET_FILE), metadata=meta)
 
 
-def train(steps: int, batch: int, lr: float, seed: int, out_dir: pathlib.Path, rgb_weight: float = 1.0, crop: int = CROP) -> dict:
+def train(steps: int, batch: int, lr: float, seed: int, out_dir: pathlib.Path, rgb_weight: float = 1.0, crop: int = CROP,
+          init_dir: pathlib.Path | None = None) -> dict:
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     unet_sd, embeddings = toy_world.load_weights(toy_world.WEIGHTS)
     patcher = toy_world.build_model(unet_sd)
     unet = patcher.model.diffusion_model.requires_grad_(False).eval()
-    net, to_rgbs, paca, config = build(patcher, gen)
+    net, to_rgbs, paca, config = build(patcher, gen, init_dir)
     patched = pasd_nodes.with_paca(patcher, pasd.FULL, paca)
     patched.inject_model()  # the shipped injection: PACA layers inside the frozen UNet's decoder
     patches = patched.model_options["transformer_options"]["patches"]
@@ -151,7 +164,7 @@ def train(steps: int, batch: int, lr: float, seed: int, out_dir: pathlib.Path, r
             log.append({"step": step, "eps_loss": round(running[0], 5), "rgb_l1": round(running[1], 5), "seconds": round(elapsed, 1)})
             print(f"step {step}/{steps} eps {running[0]:.5f} rgb {running[1]:.5f} {elapsed:.0f}s", flush=True)
     patched.eject_model()
-    summary = {"steps": steps, "batch": batch, "lr": lr, "seed": seed, "crop": crop, "final_eps_loss": log[-1]["eps_loss"],
+    summary = {"steps": steps, "batch": batch, "lr": lr, "seed": seed, "crop": crop, "init": str(init_dir or "fresh"), "final_eps_loss": log[-1]["eps_loss"],
                "final_rgb_l1": log[-1]["rgb_l1"], "seconds": log[-1]["seconds"], "threads": torch.get_num_threads()}
     save(net, to_rgbs, paca, config, patcher, out_dir, summary)
     (out_dir / LOG_FILE).write_text(json.dumps({"summary": summary, "log": log}, indent=1))
@@ -168,9 +181,10 @@ def main():
     p.add_argument("--out-dir", type=pathlib.Path, default=OUT_DIR)
     p.add_argument("--crop", type=int, default=CROP, help="latent px per training crop")
     p.add_argument("--threads", type=int, default=1, help="torch threads (one is fastest on a shared 2-core machine)")
+    p.add_argument("--init-dir", type=pathlib.Path, help="start from the toy PASD files of an earlier run in this folder (default: fresh)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)  # here, not in train(): a test calling train() keeps its own threads
-    train(a.steps, a.batch, a.lr, a.seed, a.out_dir, crop=a.crop)
+    train(a.steps, a.batch, a.lr, a.seed, a.out_dir, crop=a.crop, init_dir=a.init_dir)
 
 
 if __name__ == "__main__":
