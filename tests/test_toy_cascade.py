@@ -68,6 +68,23 @@ def test_attention_probe_reads_the_share_on_the_clip_tokens(tmp_path, monkeypatc
             assert torch.allclose(masses, torch.ones_like(masses), atol=1e-5)
 
 
+def test_shrinkage_probe_reads_the_toy_sd_unet_as_keeping_contrast(tmp_path):
+    sys.path.insert(0, str(pathlib.Path(__file__).parent / "toy_world"))
+    import check_cascade
+
+    base = tmp_path / "base.safetensors"
+    train_cascade.train_base(steps=2, batch=2, lr=1e-3, seed=0, out=base)
+    rows = check_cascade.shrinkage(base, scenes_n=3)
+    assert len(rows) == 2 * (len(check_cascade.SHRINK_SIGMAS) + len(check_cascade.RESTART_SIGMAS) + 1)
+    assert len(rows["toy SD UNet", "contrast per step"]) == toy_world.SAMPLING["steps"]
+    # the positive control: the shipped toy SD UNet's low-noise guess keeps the contrast, and its late steps keep real scenes clean
+    error, slope, ratio = rows["toy SD UNet", "one step", 0.05]
+    assert error < 0.03 and abs(slope - 1) < 0.02 and abs(ratio - 1) < 0.02
+    assert rows["toy SD UNet", "restart", 0.5] == 1.0
+    # a StageC trained for two steps guesses far worse
+    assert rows["toy StageC", "one step", 0.05][0] > 2 * error
+
+
 @pytest.mark.skipif(not toy_cascade.ULTRAPIXEL_WEIGHTS.is_file(), reason="toy UltraPixel modules not shipped")
 def test_ultrapixel_bench_runs_on_the_shipped_toy():
     sys.path.insert(0, str(pathlib.Path(__file__).parent / "bench"))

@@ -20,6 +20,14 @@ tokens (class, pooled and image tokens; the rest goes to the spatial tokens of i
 the class moves that block's attention output (rms of out(class) - out(uncond)); then, per sigma, how large
 the deep level's contribution to the shallow up path is beside the shallow skip it is added to (rms of each,
 less its per-picture mean) and how much the class moves it.
+
+    .venv/bin/python tests/toy_world/check_cascade.py nodes/toy_cascade.safetensors --shrinkage
+
+instead asks whether each model's one-step x0 guess keeps the picture's contrast (both models, the same 24 scenes
+and noise, sigma 0.05-4): the rms x0 error, the regression slope of the guess on the truth (each less its
+per-picture mean; 1 = full contrast) and the ratio of their rms; then samples from real scenes noised to
+sigma 1.4 and 0.5 (the tail of each model's own schedule) and prints the clean rate: a model whose late
+steps keep clean pictures clean reads 1.0 there; last, the contrast of each step's x0 guess while sampling from noise.
 """
 
 import argparse
@@ -33,13 +41,85 @@ import host  # noqa: E402,F401  (the real ComfyUI host on CPU, with the pack imp
 from bench.repetition import noise  # noqa: E402
 from toy_world import measure  # noqa: E402
 
+import comfy.model_base  # noqa: E402
 import comfy.sample  # noqa: E402
+import comfy.samplers  # noqa: E402
 import comfy.utils  # noqa: E402
 from toy_world import scenes  # noqa: E402
 from ultrares.nodes import toy_cascade, toy_world  # noqa: E402
 from ultrares.nodes import ultrapixel  # noqa: E402
 
 X0_SIGMAS = (12.8, 6.4, 3.1, 1.4, 0.5)  # StageC's schedule at t = 0.95, 0.9, 0.8, 0.6, 0.3
+SHRINK_SIGMAS = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 4.0)
+RESTART_SIGMAS = (1.4, 0.5)
+
+
+def both_models(weights: pathlib.Path):
+    """{name: (patcher, embeddings, conditioning, sampling)} for the toy StageC and the shipped toy SD UNet."""
+    stage_c, c_embeddings = toy_cascade.load(weights)
+    sd_weights, sd_embeddings = toy_world.load_weights(toy_world.WEIGHTS)
+    return {"toy StageC": (ultrapixel.reference_sampling(stage_c, 1.0, 0.7), c_embeddings, toy_cascade.conditioning, toy_cascade.SAMPLING),
+            "toy SD UNet": (toy_world.build_model(sd_weights), sd_embeddings, toy_world.conditioning, dict(toy_world.SAMPLING, denoise=1.0))}
+
+
+def x0_guess(patcher, embeddings, x, sigma, labels):
+    tokens = embeddings[labels]
+    if isinstance(patcher.model, comfy.model_base.StableCascade_C):
+        return patcher.model.apply_model(x, sigma, clip_text=tokens, clip_text_pooled=tokens.mean(1, keepdim=True),
+                                         clip_img=torch.zeros(len(x), 1, 768))
+    return patcher.model.apply_model(x, sigma, c_crossattn=tokens)
+
+
+def shrinkage(weights: pathlib.Path, scenes_n: int = 24) -> dict:
+    """{(model, "one step", sigma): (error, slope, ratio)} and {(model, "restart", sigma): clean rate}, also printed."""
+    models, rows = both_models(weights), {}
+    gen = torch.Generator().manual_seed(123)
+    rgb, kinds = scenes.sample(scenes_n, gen)
+    x0 = toy_world.to_latent(rgb)
+    centred = lambda t: t - t.mean((2, 3), keepdim=True)
+    print("| sigma | model | x0 rms error | slope on the truth | rms ratio |\n|---|---|---|---|---|")
+    with torch.inference_mode():
+        for value in SHRINK_SIGMAS:
+            x = x0 + value * torch.randn(x0.shape, generator=gen)
+            for name, (patcher, embeddings, _, _) in models.items():
+                guess = x0_guess(patcher, embeddings, x, torch.full((scenes_n,), value), kinds)
+                slope = float((centred(guess) * centred(x0)).sum() / centred(x0).pow(2).sum())
+                ratio = float(centred(guess).pow(2).mean().sqrt() / centred(x0).pow(2).mean().sqrt())
+                rows[name, "one step", value] = (float((guess - x0).pow(2).mean().sqrt()), slope, ratio)
+                print(f"| {value} | {name} | {float((guess - x0).pow(2).mean().sqrt()):.4f} | {slope:.3f} | {ratio:.3f} |")
+    print("\n| start sigma | model | steps | clean | one object |\n|---|---|---|---|---|")
+    seeds = list(range(scenes_n))
+    for start in RESTART_SIGMAS:
+        for name, (patcher, embeddings, conditioning, s) in models.items():
+            full = comfy.samplers.calculate_sigmas(patcher.get_model_object("model_sampling"), s["scheduler"], round(s["steps"] / s["denoise"]))
+            sigmas = torch.cat([torch.tensor([start]), full[full < start]])
+            sampler = comfy.samplers.sampler_object(s["sampler_name"])
+            outs = []
+            for shape in range(len(embeddings) - 1):
+                idx = [i for i in seeds if int(kinds[i]) == shape]
+                if idx:
+                    with torch.inference_mode():
+                        outs.append(comfy.sample.sample_custom(patcher, noise(idx, toy_world.NATIVE_LATENT_SIZE), s["cfg"], sampler, sigmas,
+                                                               conditioning(embeddings, shape), conditioning(embeddings, len(embeddings) - 1),
+                                                               x0[idx].clone(), seed=idx[0], disable_pbar=True))
+            readings = measure.read_latents(torch.cat(outs))
+            summary = measure.summary(readings)
+            rows[name, "restart", start] = summary["clean_rate"]
+            print(f"| {start} | {name} | {len(sigmas) - 1} | {summary['clean_rate']:.2f} | {summary['one_object_rate']:.2f} |")
+    contrast = lambda t: float(t[:, :3].std((2, 3)).mean())  # RGB std per picture and channel, averaged
+    print(f"\nx0 contrast while sampling from noise (seeds 0..{scenes_n - 1}; the scenes': {contrast(x0):.3f})")
+    for name, (patcher, embeddings, conditioning, s) in models.items():
+        per_step = {}
+        for shape in range(len(embeddings) - 1):
+            idx = [i for i in seeds if i % (len(embeddings) - 1) == shape]
+            record = lambda step, guess, x, total: per_step.setdefault(step, []).append(contrast(guess) * len(guess))
+            with torch.inference_mode():
+                comfy.sample.sample(patcher, noise(idx, toy_world.NATIVE_LATENT_SIZE), s["steps"], s["cfg"], s["sampler_name"], s["scheduler"],
+                                    conditioning(embeddings, shape), conditioning(embeddings, len(embeddings) - 1), torch.zeros_like(x0[idx]),
+                                    seed=idx[0], denoise=s["denoise"], disable_pbar=True, callback=record)
+        rows[name, "contrast per step"] = [sum(v) / scenes_n for _, v in sorted(per_step.items())]
+        print(name, " ".join(f"{c:.3f}" for c in rows[name, "contrast per step"]))
+    return rows
 
 
 def x0_errors(weights: pathlib.Path, scenes_n: int = 24) -> None:
@@ -133,8 +213,12 @@ def main():
     p.add_argument("--denoise", type=float, default=toy_cascade.SAMPLING["denoise"])
     p.add_argument("--x0-error", action="store_true", help="compare one-step x0 errors with the toy SD UNet's instead of sampling")
     p.add_argument("--attention", action="store_true", help="measure the attention mass on the clip tokens instead of sampling")
+    p.add_argument("--shrinkage", action="store_true", help="does the one-step x0 guess keep the contrast, and do late steps keep real pictures clean")
     a = p.parse_args()
     torch.set_num_threads(1)
+    comfy.utils.PROGRESS_BAR_ENABLED = False
+    if a.shrinkage:
+        return shrinkage(a.weights)
     if a.x0_error:
         return x0_errors(a.weights)
     if a.attention:
