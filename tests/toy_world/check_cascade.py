@@ -71,7 +71,8 @@ def x0_guess(patcher, embeddings, x, sigma, labels):
 
 
 def shrinkage(weights: pathlib.Path, scenes_n: int = 24) -> dict:
-    """{(model, "one step", sigma): (error, slope, ratio)} and {(model, "restart", sigma): clean rate}, also printed."""
+    """{(model, "one step", sigma): (error, slope, ratio), (model, "restart", sigma): clean rate,
+    (model, "contrast per step"): [x0 contrast]}, also printed."""
     models, rows = both_models(weights), {}
     gen = torch.Generator().manual_seed(123)
     rgb, kinds = scenes.sample(scenes_n, gen)
@@ -85,8 +86,9 @@ def shrinkage(weights: pathlib.Path, scenes_n: int = 24) -> dict:
                 guess = x0_guess(patcher, embeddings, x, torch.full((scenes_n,), value), kinds)
                 slope = float((centred(guess) * centred(x0)).sum() / centred(x0).pow(2).sum())
                 ratio = float(centred(guess).pow(2).mean().sqrt() / centred(x0).pow(2).mean().sqrt())
-                rows[name, "one step", value] = (float((guess - x0).pow(2).mean().sqrt()), slope, ratio)
-                print(f"| {value} | {name} | {float((guess - x0).pow(2).mean().sqrt()):.4f} | {slope:.3f} | {ratio:.3f} |")
+                error = float((guess - x0).pow(2).mean().sqrt())
+                rows[name, "one step", value] = (error, slope, ratio)
+                print(f"| {value} | {name} | {error:.4f} | {slope:.3f} | {ratio:.3f} |")
     print("\n| start sigma | model | steps | clean | one object |\n|---|---|---|---|---|")
     seeds = list(range(scenes_n))
     for start in RESTART_SIGMAS:
@@ -123,21 +125,11 @@ def shrinkage(weights: pathlib.Path, scenes_n: int = 24) -> dict:
 
 
 def x0_errors(weights: pathlib.Path, scenes_n: int = 24) -> None:
-    stage_c, c_embeddings = toy_cascade.load(weights)
-    sd_weights, sd_embeddings = toy_world.load_weights(toy_world.WEIGHTS)
-    unet = toy_world.build_model(sd_weights)
+    models = both_models(weights)
     gen = torch.Generator().manual_seed(123)
     rgb, kinds = scenes.sample(scenes_n, gen)
     x0 = toy_world.to_latent(rgb)
     uncond = torch.full_like(kinds, len(toy_world.SHAPES))  # both models' unconditional row
-
-    def stage_c_x0(x, sigma, labels):
-        tokens = c_embeddings[labels]
-        return stage_c.model.apply_model(x, sigma, clip_text=tokens, clip_text_pooled=tokens.mean(1, keepdim=True),
-                                         clip_img=torch.zeros(len(x), 1, 768))
-
-    def unet_x0(x, sigma, labels):
-        return unet.model.apply_model(x, sigma, c_crossattn=sd_embeddings[labels])
 
     rms = lambda d: float(d.pow(2).mean().sqrt())
     print("| sigma | model | x0 rms error (class) | x0 rms error (uncond) | class effect |\n|---|---|---|---|---|")
@@ -145,8 +137,8 @@ def x0_errors(weights: pathlib.Path, scenes_n: int = 24) -> None:
         for value in X0_SIGMAS:
             sigma = torch.full((scenes_n,), value)
             x = x0 + value * torch.randn(x0.shape, generator=gen)
-            for name, fn in (("toy StageC", stage_c_x0), ("toy SD UNet", unet_x0)):
-                right, free = fn(x, sigma, kinds), fn(x, sigma, uncond)
+            for name, (patcher, embeddings, _, _) in models.items():
+                right, free = (x0_guess(patcher, embeddings, x, sigma, labels) for labels in (kinds, uncond))
                 print(f"| {value} | {name} | {rms(right - x0):.3f} | {rms(free - x0):.3f} | {rms(right - free):.4f} |")
 
 
