@@ -11,8 +11,8 @@ tests/bench/repetition.py (repetition_rate, clean_rate, ...), sec_per_image (wal
 sampling per picture, the LR pass included for UltraPixel; both measured in this run) and, for
 UltraPixel, lr_mse: MSE between the HR result averaged down to the LR size and the LR pass's picture.
 
-Status: run on 12 seeds with unshipped weights (docs/ultrapixel.md, "Trained toy"); it needs
-nodes/toy_cascade*.safetensors, which are not shipped until the toy StageC samples clean pictures.
+Status: 33 seeds on the shipped nodes/toy_cascade*.safetensors in docs/ultrapixel.md ("Tenth look"):
+repetition 0.91 -> 0.36, 1.11x the seconds, 0.27 clean.
 """
 
 import argparse
