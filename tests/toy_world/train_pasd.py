@@ -74,10 +74,9 @@ def build(patcher, gen, init_dir: pathlib.Path | None = None):
         net.load_state_dict({mapping[k]: v for k, v in cn.items() if not k.startswith(pasd_nodes.TRAINING_ONLY)}, strict=True)
         to_rgbs.load_state_dict({k[len(pasd_nodes.TRAINING_ONLY):]: v for k, v in cn.items() if k.startswith(pasd_nodes.TRAINING_ONLY)},
                                 strict=True)
-        unet = safetensors.torch.load_file(str(init_dir / UNET_FILE))
+        saved = pasd.layer_state_dicts(safetensors.torch.load_file(str(init_dir / UNET_FILE)), pasd.FULL, layers)  # the loader's own split
         for l in layers:
-            prefix = f"up_blocks.{l.up_block}.pixel_attentions.{l.layer}."
-            paca[l.index].transformer.load_state_dict({k[len(prefix):]: v for k, v in unet.items() if k.startswith(prefix)}, strict=True)
+            paca[l.index].transformer.load_state_dict(saved[l.index], strict=True)
     return net, to_rgbs, paca, config
 
 
