@@ -62,6 +62,18 @@ def both_models(weights: pathlib.Path):
             "toy SD UNet": (toy_world.build_model(sd_weights), sd_embeddings, toy_world.conditioning, dict(toy_world.SAMPLING, denoise=1.0))}
 
 
+def by_shape(embeddings, conditioning, seeds, shape_of, run) -> list:
+    """Sampling batched per class, one prompt per batch: run(seeds of the class, positive, negative) for each class
+    that has seeds, under inference_mode; the results in class order."""
+    n_shapes, outs = len(embeddings) - 1, []
+    for shape in range(n_shapes):
+        idx = [i for i in seeds if shape_of(i) == shape]
+        if idx:
+            with torch.inference_mode():
+                outs.append(run(idx, conditioning(embeddings, shape), conditioning(embeddings, n_shapes)))
+    return outs
+
+
 def x0_guess(patcher, embeddings, x, sigma, labels):
     tokens = embeddings[labels]
     if isinstance(patcher.model, comfy.model_base.StableCascade_C):
@@ -96,14 +108,9 @@ def shrinkage(weights: pathlib.Path, scenes_n: int = 24) -> dict:
             full = comfy.samplers.calculate_sigmas(patcher.get_model_object("model_sampling"), s["scheduler"], round(s["steps"] / s["denoise"]))
             sigmas = torch.cat([torch.tensor([start]), full[full < start]])
             sampler = comfy.samplers.sampler_object(s["sampler_name"])
-            outs = []
-            for shape in range(len(embeddings) - 1):
-                idx = [i for i in seeds if int(kinds[i]) == shape]
-                if idx:
-                    with torch.inference_mode():
-                        outs.append(comfy.sample.sample_custom(patcher, noise(idx, toy_world.NATIVE_LATENT_SIZE), s["cfg"], sampler, sigmas,
-                                                               conditioning(embeddings, shape), conditioning(embeddings, len(embeddings) - 1),
-                                                               x0[idx].clone(), seed=idx[0], disable_pbar=True))
+            outs = by_shape(embeddings, conditioning, seeds, lambda i: int(kinds[i]), lambda idx, positive, negative: comfy.sample.sample_custom(
+                patcher, noise(idx, toy_world.NATIVE_LATENT_SIZE), s["cfg"], sampler, sigmas, positive, negative, x0[idx].clone(),
+                seed=idx[0], disable_pbar=True))
             readings = measure.read_latents(torch.cat(outs))
             summary = measure.summary(readings)
             rows[name, "restart", start] = summary["clean_rate"]
@@ -112,13 +119,10 @@ def shrinkage(weights: pathlib.Path, scenes_n: int = 24) -> dict:
     print(f"\nx0 contrast while sampling from noise (seeds 0..{scenes_n - 1}; the scenes': {contrast(x0):.3f})")
     for name, (patcher, embeddings, conditioning, s) in models.items():
         per_step = {}
-        for shape in range(len(embeddings) - 1):
-            idx = [i for i in seeds if i % (len(embeddings) - 1) == shape]
-            record = lambda step, guess, x, total: per_step.setdefault(step, []).append(contrast(guess) * len(guess))
-            with torch.inference_mode():
-                comfy.sample.sample(patcher, noise(idx, toy_world.NATIVE_LATENT_SIZE), s["steps"], s["cfg"], s["sampler_name"], s["scheduler"],
-                                    conditioning(embeddings, shape), conditioning(embeddings, len(embeddings) - 1), torch.zeros_like(x0[idx]),
-                                    seed=idx[0], denoise=s["denoise"], disable_pbar=True, callback=record)
+        record = lambda step, guess, x, total: per_step.setdefault(step, []).append(contrast(guess) * len(guess))
+        by_shape(embeddings, conditioning, seeds, lambda i: i % (len(embeddings) - 1), lambda idx, positive, negative: comfy.sample.sample(
+            patcher, noise(idx, toy_world.NATIVE_LATENT_SIZE), s["steps"], s["cfg"], s["sampler_name"], s["scheduler"], positive, negative,
+            torch.zeros_like(x0[idx]), seed=idx[0], denoise=s["denoise"], disable_pbar=True, callback=record))
         rows[name, "contrast per step"] = [sum(v) / scenes_n for _, v in sorted(per_step.items())]
         print(name, " ".join(f"{c:.3f}" for c in rows[name, "contrast per step"]))
     return rows
@@ -215,21 +219,12 @@ def main():
         return x0_errors(a.weights)
     if a.attention:
         return attention_mass(a.weights)
-    comfy.utils.PROGRESS_BAR_ENABLED = False
     model, embeddings = toy_cascade.load(a.weights)
     model = ultrapixel.reference_sampling(model, 1.0, 0.7)
     s = toy_cascade.SAMPLING
-    n_shapes = len(embeddings) - 1
-    outs = []
-    for shape in range(n_shapes):
-        seeds = [i for i in range(a.seeds) if i % n_shapes == shape]
-        if not seeds:
-            continue
-        positive, negative = toy_cascade.conditioning(embeddings, shape), toy_cascade.conditioning(embeddings, n_shapes)
-        latent = torch.zeros(len(seeds), 4, toy_cascade.NATIVE, toy_cascade.NATIVE)
-        with torch.inference_mode():
-            outs.append(comfy.sample.sample(model, noise(seeds, toy_cascade.NATIVE), s["steps"], a.cfg, s["sampler_name"], s["scheduler"],
-                                            positive, negative, latent, seed=seeds[0], denoise=a.denoise, disable_pbar=True))
+    outs = by_shape(embeddings, toy_cascade.conditioning, range(a.seeds), lambda i: i % (len(embeddings) - 1), lambda seeds, positive, negative: comfy.sample.sample(
+        model, noise(seeds, toy_cascade.NATIVE), s["steps"], a.cfg, s["sampler_name"], s["scheduler"], positive, negative,
+        torch.zeros(len(seeds), 4, toy_cascade.NATIVE, toy_cascade.NATIVE), seed=seeds[0], denoise=a.denoise, disable_pbar=True))
     readings = measure.read_latents(torch.cat(outs))
     print(measure.summary(readings))
     print([(r.objects, round(r.residual_rms, 3)) for r in readings])
