@@ -8,6 +8,7 @@ JPEG-like quantisation + 4x down-sampling, tests/toy_world/sr_task.py) are upsca
 both ControlNet entries from the reference's init latent (the encoded hint, double-noised: x sqrt(abar_900),
 then sampled from sigma_max) with the class as the prompt (PASD's high-level information), decoded and
 colour-fixed against the hint as the bundled workflow does (PASD Color Fix); `pasd-raw` is PASD before it.
+`--color-levels 5,7` also reads each ControlNet method's output colour-fixed at the other levels (same samples).
 
   .venv/bin/python tests/bench/pasd_sr.py --json out/pasd_sr.json [--scenes 12] [--steps 20] [--methods pasd,bicubic]
 
@@ -96,7 +97,10 @@ def main(argv=None):
     p.add_argument("--tile", type=int, default=0, help="run both ControlNet methods through PASD Tiled Sampling at this tile side "
                                                        "(latent px; 0: untiled, the reference's path below 320)")
     p.add_argument("--tile-overlap", type=int, default=pasd.TILE_OVERLAP)
+    p.add_argument("--color-levels", default="5", help="comma-separated wavelet levels of the colour fix: the first (reference: 5) "
+                                                        "is the method's row, each other one adds a '<method>, levels N' row")
     args = p.parse_args(argv)
+    levels = [int(v) for v in args.color_levels.split(",")]
     torch.set_num_threads(args.threads)
     comfy.utils.PROGRESS_BAR_ENABLED = False
     gen = torch.Generator().manual_seed(args.seed)
@@ -141,9 +145,9 @@ def main(argv=None):
             raise SystemExit(f"--methods: unknown {sorted(unknown)}; choose from {sorted(methods) + ['pasd-raw']}")
         methods = {k: v for k, v in methods.items() if k in wanted}
 
-    def color_fixed(latent):
+    def color_fixed(latent, levels):
         image = vae.decode(latent)
-        return vae.encode(node("UltraResPASDColorFix", image=image, reference=images, levels=5)[0])
+        return vae.encode(node("UltraResPASDColorFix", image=image, reference=images, levels=levels)[0])
 
     results = {"ground_truth": figures(toy_world.to_latent(gt), gt)}
     for name, spec in methods.items():
@@ -161,7 +165,9 @@ def main(argv=None):
         if spec is not None and spec[3]:  # the ControlNet methods: PASD's recipe ends with the colour fix
             if name == "pasd":
                 results["pasd-raw"] = figures(out, gt) | {"sec_per_image": seconds}
-            out = color_fixed(out)
+            for extra in levels[1:]:
+                results[f"{name}, levels {extra}"] = figures(color_fixed(out, extra), gt) | {"sec_per_image": seconds}
+            out = color_fixed(out, levels[0])
         results[name] = figures(out, gt) | {"sec_per_image": seconds}
         if args.save_dir:
             save_strip(args.save_dir / f"{name}.png", [toy_world.to_latent(gt), out])
@@ -170,7 +176,7 @@ def main(argv=None):
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps({"settings": {"scenes": args.scenes, "steps": args.steps, "sampler": SAMPLER,
                                                           "scheduler": SCHEDULER, "cfg": CFG, "seed": args.seed,
-                                                          "tile": args.tile, "tile_overlap": args.tile_overlap, "weights_dir": str(args.weights_dir)}, "results": results}, indent=1) + "\n")
+                                                          "tile": args.tile, "tile_overlap": args.tile_overlap, "color_levels": levels, "weights_dir": str(args.weights_dir)}, "results": results}, indent=1) + "\n")
     cols = ("psnr", "edge_error", "clean_rate", "repetition", "sec_per_image")
     print("\n| method | " + " | ".join(cols) + " |\n" + "|---" * (len(cols) + 1) + "|")
     for name, f in results.items():
