@@ -433,7 +433,11 @@ def test_sr_bench_runs_on_the_shipped_toy_pasd():
     sys.path.insert(0, str(pathlib.Path(__file__).parent / "bench"))
     import pasd_sr
 
-    results = pasd_sr.main(["--scenes", "1", "--steps", "1", "--methods", "bicubic,controlnet-only", "--threads", str(torch.get_num_threads())])
-    assert set(results) == {"ground_truth", "bicubic", "controlnet-only"}
-    for name in ("bicubic", "controlnet-only"):
+    results = pasd_sr.main(["--scenes", "1", "--steps", "1", "--methods", "bicubic,controlnet-only", "--color-levels", "5,7",
+                            "--threads", str(torch.get_num_threads())])
+    assert set(results) == {"ground_truth", "bicubic", "controlnet-only", "controlnet-only, levels 7"}
+    for name in ("bicubic", "controlnet-only", "controlnet-only, levels 7"):
         assert math.isfinite(results[name]["psnr"]) and 0 <= results[name]["clean_rate"] <= 1
+    # the same sample, fixed at another level: the same time, another picture
+    assert results["controlnet-only, levels 7"]["sec_per_image"] == results["controlnet-only"]["sec_per_image"]
+    assert results["controlnet-only, levels 7"]["psnr"] != results["controlnet-only"]["psnr"]
