@@ -2,8 +2,8 @@
 (nodes/toy_cascade_ultrapixel.safetensors, in the released module.64.j / module.65.j layout): one
 seeded command each, on a CPU.
 
-    .venv/bin/python tests/toy_world/train_cascade.py base      [--steps N]   # ComfyUI's StageC class, native 32x32
-    .venv/bin/python tests/toy_world/train_cascade.py guidance  [--steps N]   # the four TransInr, base frozen
+    .venv/bin/python tests/toy_world/train_cascade.py base      [--steps N]   # ComfyUI's StageC class, native 32x32 (10000 x 16)
+    .venv/bin/python tests/toy_world/train_cascade.py guidance  [--steps N]   # the four TransInr, base frozen (400 x 8)
 
 base: epsilon prediction on the StageC schedule (StableCascadeSampling, shift 1: t ~ U(0, 1),
 sigma(t), input x / sqrt(sigma^2 + 1), r = t), class tokens as CLIP text tokens and their mean as
@@ -282,7 +282,7 @@ def main():
     a = p.parse_args()
     torch.set_num_threads(1)
     if a.phase == "base":
-        train_base(a.steps or 2000, a.batch or 32, a.lr, a.seed, a.out or toy_cascade.WEIGHTS, a.embed_bias, a.t_max, a.deep_scale)
+        train_base(a.steps or 10000, a.batch or 16, a.lr, a.seed, a.out or toy_cascade.WEIGHTS, a.embed_bias, a.t_max, a.deep_scale)
     else:
         train_guidance(a.steps or 400, a.batch or 8, a.lr, a.seed, a.out or toy_cascade.ULTRAPIXEL_WEIGHTS, a.base)
 
