@@ -145,9 +145,8 @@ def main(argv=None):
             raise SystemExit(f"--methods: unknown {sorted(unknown)}; choose from {sorted(methods) + ['pasd-raw']}")
         methods = {k: v for k, v in methods.items() if k in wanted}
 
-    def color_fixed(latent, levels):
-        image = vae.decode(latent)
-        return vae.encode(node("UltraResPASDColorFix", image=image, reference=images, levels=levels)[0])
+    def color_fixed(image, level):
+        return vae.encode(node("UltraResPASDColorFix", image=image, reference=images, levels=level)[0])
 
     results = {"ground_truth": figures(toy_world.to_latent(gt), gt)}
     for name, spec in methods.items():
@@ -165,9 +164,10 @@ def main(argv=None):
         if spec is not None and spec[3]:  # the ControlNet methods: PASD's recipe ends with the colour fix
             if name == "pasd":
                 results["pasd-raw"] = figures(out, gt) | {"sec_per_image": seconds}
+            decoded = vae.decode(out)  # once, for every level
             for extra in levels[1:]:
-                results[f"{name}, levels {extra}"] = figures(color_fixed(out, extra), gt) | {"sec_per_image": seconds}
-            out = color_fixed(out, levels[0])
+                results[f"{name}, levels {extra}"] = figures(color_fixed(decoded, extra), gt) | {"sec_per_image": seconds}
+            out = color_fixed(decoded, levels[0])
         results[name] = figures(out, gt) | {"sec_per_image": seconds}
         if args.save_dir:
             save_strip(args.save_dir / f"{name}.png", [toy_world.to_latent(gt), out])
