@@ -330,7 +330,7 @@ class UltraPixelLRPass(io.ComfyNode):
     def execute(cls, model, positive, negative, width, height, seed, steps, cfg, sampler_name, scheduler, shift,
                 cfg_rescale, batch_size, denoise=1.0) -> io.NodeOutput:
         error = functools.partial(input_error, LR_PASS)
-        dit = stage_c(model, LR_PASS)
+        stage_c(model, LR_PASS)  # refuses any other model family
         modules = model.get_attachment(KEY)
         if modules is None:
             raise error("model", "the StageC carries no UltraPixel modules", "put UltraPixel Loader between the StageC loader and this node")

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import comfy.sd
+import comfy.taesd.taesd
 import host
 import tiny_models
 from tensor_memory import PeakTensorMemory, TaggedPlacement
@@ -93,8 +94,6 @@ def test_node_equals_vae_decode_for_the_flux_vae_layout(node_classes):
 
 
 def test_unsupported_vaes_and_latents_are_refused_clearly():
-    import comfy.taesd.taesd
-
     taesd = tiny_models.init_parameters(comfy.taesd.taesd.TAESD(latent_channels=4), 0)
     vae = comfy.sd.VAE(sd=taesd.state_dict())
     with pytest.raises(UltraResInputError, match="Exact Tiled VAE Decode: input 'vae'.*TAESD"):

@@ -19,7 +19,7 @@ import time
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-import host  # noqa: E402  (the real ComfyUI host on CPU, with the pack importable)
+import host  # noqa: E402, F401  (the real ComfyUI host on CPU, with the pack importable)
 from toy_world import scenes  # noqa: E402
 
 import safetensors.torch  # noqa: E402

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-import host  # noqa: E402  (the real ComfyUI host on CPU, with the pack importable)
+import host  # noqa: E402, F401  (the real ComfyUI host on CPU, with the pack importable)
 from toy_world import sr_task  # noqa: E402
 from toy_world import train as toy_train  # noqa: E402
 
