@@ -51,6 +51,21 @@ def test_training_commands_save_weights_that_the_loaders_read(tmp_path):
     assert loaded.get_attachment(node.KEY).max_tokens == (toy_cascade.NATIVE // toy_cascade.PATCH) ** 2
 
 
+def test_base_training_goes_on_from_an_earlier_file(tmp_path):
+    """`--init`: the run starts from that file's weights and embeddings (at lr 0 it hands them back unchanged)."""
+    first, second = tmp_path / "first.safetensors", tmp_path / "second.safetensors"
+    train_cascade.train_base(steps=2, batch=2, lr=1e-3, seed=0, out=first)
+    summary = train_cascade.train_base(steps=1, batch=2, lr=0.0, seed=1, out=second, init=first)
+    assert summary["init"] == str(first)
+    (a, emb_a), (b, emb_b) = toy_cascade.load(first), toy_cascade.load(second)
+    assert torch.equal(emb_a, emb_b)
+    sd_a, sd_b = a.model.diffusion_model.state_dict(), b.model.diffusion_model.state_dict()
+    assert all(torch.allclose(sd_a[k], sd_b[k], rtol=1e-6, atol=1e-7) for k in sd_a)  # the EMA's rounding only
+    fresh, _ = toy_cascade.load(first)  # and a fresh init differs from it, so the check can fail
+    train_cascade.init_stage_c(fresh.model.diffusion_model, torch.Generator().manual_seed(5))
+    assert not all(torch.equal(sd_a[k], v) for k, v in fresh.model.diffusion_model.state_dict().items())
+
+
 def test_attention_probe_reads_the_share_on_the_clip_tokens(tmp_path, monkeypatch):
     sys.path.insert(0, str(pathlib.Path(__file__).parent / "toy_world"))
     import check_cascade

@@ -4,6 +4,7 @@ seeded command each, on a CPU.
 
     .venv/bin/python tests/toy_world/train_cascade.py base      [--steps N]   # ComfyUI's StageC class, native 32x32 (10000 x 16)
     .venv/bin/python tests/toy_world/train_cascade.py guidance  [--steps N]   # the four TransInr, base frozen (400 x 8)
+    .venv/bin/python tests/toy_world/train_cascade.py base --init F [--steps N] [--lr L] [--seed S]   # go on from base file F
 
 base: epsilon prediction on the StageC schedule (StableCascadeSampling, shift 1: t ~ U(0, 1),
 sigma(t), input x / sqrt(sigma^2 + 1), r = t), class tokens as CLIP text tokens and their mean as
@@ -172,13 +173,17 @@ def write(tensors: dict, out: pathlib.Path, summary: dict, log: list) -> None:
 
 
 def train_base(steps: int, batch: int, lr: float, seed: int, out: pathlib.Path, embed_bias: float = EMBED_BIAS,
-               t_max: float = 1.0, deep_scale: float = DEEP_SCALE) -> dict:
+               t_max: float = 1.0, deep_scale: float = DEEP_SCALE, init: pathlib.Path | None = None) -> dict:
     gen = torch.Generator().manual_seed(seed)
-    patcher = toy_cascade.build_model()
-    unet, sampling = patcher.model.diffusion_model, patcher.model.model_sampling
-    init_stage_c(unet, gen, embed_bias, deep_scale)
     n_classes = len(toy_world.SHAPES)
-    embeddings = torch.nn.Parameter(torch.randn(n_classes + 1, toy_world.CONTEXT_TOKENS, toy_world.CONTEXT_DIM, generator=gen))
+    if init is None:
+        patcher = toy_cascade.build_model()
+        init_stage_c(patcher.model.diffusion_model, gen, embed_bias, deep_scale)
+        start = torch.randn(n_classes + 1, toy_world.CONTEXT_TOKENS, toy_world.CONTEXT_DIM, generator=gen)
+    else:  # go on from an earlier run's (EMA) weights and embeddings
+        patcher, start = toy_cascade.load(init)
+    unet, sampling = patcher.model.diffusion_model, patcher.model.model_sampling
+    embeddings = torch.nn.Parameter(start.clone())
     params = list(unet.parameters()) + [embeddings]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = schedule(opt, steps)
@@ -198,7 +203,7 @@ def train_base(steps: int, batch: int, lr: float, seed: int, out: pathlib.Path, 
             log.append({"step": step, "loss": round(running, 5), "seconds": round(time.monotonic() - started, 1)})
             print(f"step {step}/{steps} loss {running:.5f} {log[-1]['seconds']:.0f}s", flush=True)
     summary = {"phase": "base", "steps": steps, "batch": batch, "lr": lr, "seed": seed, "embed_bias": embed_bias, "t_max": t_max,
-               "deep_scale": deep_scale,
+               "deep_scale": deep_scale, "init": str(init) if init else None,
                "final_loss": log[-1]["loss"],
                "seconds": log[-1]["seconds"], "threads": torch.get_num_threads()}
     write(ema, out, summary, log)
@@ -279,10 +284,11 @@ def main():
     p.add_argument("--embed-bias", type=float, default=EMBED_BIAS, help="base: the identity init's constant direction")
     p.add_argument("--t-max", type=float, default=1.0, help="base: train on t ~ U(0, t_max) (sampling at denoise 0.9 starts near t = 0.91)")
     p.add_argument("--deep-scale", type=float, default=DEEP_SCALE, help="base: the deep path's upscaler's initial scale")
+    p.add_argument("--init", type=pathlib.Path, help="base: go on from this earlier base file instead of a fresh init")
     a = p.parse_args()
     torch.set_num_threads(1)
     if a.phase == "base":
-        train_base(a.steps or 10000, a.batch or 16, a.lr, a.seed, a.out or toy_cascade.WEIGHTS, a.embed_bias, a.t_max, a.deep_scale)
+        train_base(a.steps or 10000, a.batch or 16, a.lr, a.seed, a.out or toy_cascade.WEIGHTS, a.embed_bias, a.t_max, a.deep_scale, a.init)
     else:
         train_guidance(a.steps or 400, a.batch or 8, a.lr, a.seed, a.out or toy_cascade.ULTRAPIXEL_WEIGHTS, a.base)
 
