@@ -1,7 +1,7 @@
 """UltraPixel on the toy StageC at 4x (and any other scale): direct sampling vs the UltraPixel LR pass
 + guided HR pass, on the toy-world repetition yardstick (tests/toy_world/measure.py).
 
-  .venv/bin/python tests/bench/ultrapixel_toy.py --json out/ultrapixel_toy.json [--seeds 33] [--scale 4]
+  .venv/bin/python tests/bench/ultrapixel_toy.py --json out/ultrapixel_toy.json [--seeds 33] [--scale 4] [--base F --modules G]
 
 Both run through the real host's nodes (UltraPixel Loader on the shipped toy modules, UltraPixel LR
 Pass, KSampler's sampling) with the toy StageC's settings (euler_ancestral / simple / 20 steps /
@@ -41,12 +41,12 @@ SHIFT, RESCALE = 1.0, 0.7
 PX = toy_world.ToyWorldCodec.ratio  # picture px per latent px
 
 
-def modules_file() -> str:
-    """The shipped toy modules, where the UltraPixel Loader looks for weights."""
+def modules_file(path: pathlib.Path = toy_cascade.ULTRAPIXEL_WEIGHTS) -> str:
+    """Toy modules (the shipped ones by default) put where the UltraPixel Loader looks for weights."""
     folder = pathlib.Path(folder_paths.get_folder_paths(node.FOLDER)[0])
     folder.mkdir(parents=True, exist_ok=True)
-    shutil.copy(toy_cascade.ULTRAPIXEL_WEIGHTS, folder / toy_cascade.ULTRAPIXEL_WEIGHTS.name)
-    return toy_cascade.ULTRAPIXEL_WEIGHTS.name
+    shutil.copy(path, folder / path.name)
+    return path.name
 
 
 def run(method, model, embeddings, seeds, size):
@@ -85,11 +85,14 @@ def main(argv=None):
     p.add_argument("--json", type=pathlib.Path)
     p.add_argument("--seeds", type=int, default=33)
     p.add_argument("--scale", type=int, default=4)
+    p.add_argument("--base", type=pathlib.Path, default=toy_cascade.WEIGHTS, help="the toy StageC (default: the shipped one)")
+    p.add_argument("--modules", type=pathlib.Path, default=toy_cascade.ULTRAPIXEL_WEIGHTS,
+                   help="its UltraPixel modules (default: the shipped ones)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     comfy.utils.PROGRESS_BAR_ENABLED = False
-    base, embeddings = toy_cascade.load()
-    loaded = host.run_node(node.UltraPixelLoader, model=base, ultrapixel_name=modules_file())[0]
+    base, embeddings = toy_cascade.load(args.base)
+    loaded = host.run_node(node.UltraPixelLoader, model=base, ultrapixel_name=modules_file(args.modules))[0]
     seeds, size = list(range(args.seeds)), toy_cascade.NATIVE * args.scale
     results = {"direct@1x": run("direct", base, embeddings, seeds, toy_cascade.NATIVE)}
     for method, model in (("direct", base), ("ultrapixel", loaded)):
@@ -102,7 +105,8 @@ def main(argv=None):
           f"{table({k: v for k, v in results.items() if k != 'ratios'})}\n\nratios (UltraPixel / direct): {results['ratios']}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=1) + "\n")
+        weights = {"base": str(args.base), "modules": str(args.modules)}
+        args.json.write_text(json.dumps(dict(results, weights=weights), indent=1) + "\n")
     return results
 
 
