@@ -3,8 +3,9 @@
 seeded command each, on a CPU.
 
     .venv/bin/python tests/toy_world/train_cascade.py base      [--steps N]   # ComfyUI's StageC class, native 32x32 (10000 x 16)
-    .venv/bin/python tests/toy_world/train_cascade.py guidance  [--steps N]   # the four TransInr, base frozen (400 x 8)
+    .venv/bin/python tests/toy_world/train_cascade.py guidance  [--steps N]   # the four TransInr, base frozen (600 x 8)
     .venv/bin/python tests/toy_world/train_cascade.py base --init F [--steps N] [--lr L] [--seed S]   # go on from base file F
+The shipped base is `base` (defaults) then `base --init nodes/toy_cascade.safetensors --steps 5000 --lr 3e-4 --seed 1`.
 
 base: epsilon prediction on the StageC schedule (StableCascadeSampling, shift 1: t ~ U(0, 1),
 sigma(t), input x / sqrt(sigma^2 + 1), r = t), class tokens as CLIP text tokens and their mean as
@@ -290,7 +291,7 @@ def main():
     if a.phase == "base":
         train_base(a.steps or 10000, a.batch or 16, a.lr, a.seed, a.out or toy_cascade.WEIGHTS, a.embed_bias, a.t_max, a.deep_scale, a.init)
     else:
-        train_guidance(a.steps or 400, a.batch or 8, a.lr, a.seed, a.out or toy_cascade.ULTRAPIXEL_WEIGHTS, a.base)
+        train_guidance(a.steps or 600, a.batch or 8, a.lr, a.seed, a.out or toy_cascade.ULTRAPIXEL_WEIGHTS, a.base)
 
 
 if __name__ == "__main__":
