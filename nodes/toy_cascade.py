@@ -1,8 +1,8 @@
 """The toy StageC: ComfyUI's own Stable Cascade StageC class at a tiny width, trained on the toy
 world's pictures (tests/toy_world/train_cascade.py), with UltraPixel guidance modules trained for it
 in the released layout (module.64.j / module.65.j). It shows UltraPixel working on a CPU
-(tests/bench/ultrapixel_toy.py): sampled at 4x, the plain StageC repeats the object (0.82 of 33 seeds);
-guided by its own native-size pass, 0.12 (docs/ultrapixel.md, "Eleventh look").
+(tests/bench/ultrapixel_toy.py): sampled at 4x, the plain StageC repeats the object (0.91 of 33 seeds);
+guided by its own native-size pass, 0.03 (docs/ultrapixel.md, "Twelfth look").
 
 Its latent is the toy world's picture (4 channels, the toy VAE: one latent px = 8x8 px); StageC
 patch size 2, so the StageC grid is 16x16 at the native 32x32 latent (UltraPixel's LR grid is 24x24
